@@ -1,0 +1,97 @@
+"""The shared model interface (DESIGN.md): graph in, embeddings out, no hidden state.
+
+Every model in the suite derives from :class:`Recommender`. The trainer owns the loop, the optimiser, early stopping
+and checkpoints; the evaluator owns masking and ranking. A model only maps an :class:`InteractionGraph` to user and
+item representations, scores them, and says which of its parameters the shared L2 regulariser covers.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
+
+from .losses import bpr_loss, ego_l2
+
+
+class Embeddings(NamedTuple):
+    """What ``forward`` returns.
+
+    ``user`` ``[U, d]`` and ``item`` ``[I, d]`` are the final representations that ``score`` compares;
+    ``edge_weight`` ``[2E]`` is a learned weight per directed training edge, in the graph's edge order, for models
+    that learn one (GRCN's fused affinities, GAT's attention); ``None`` otherwise.
+    """
+
+    user: Tensor
+    item: Tensor
+    edge_weight: Tensor | None = None
+
+
+class Recommender(torch.nn.Module, abc.ABC):
+    """Base class of every recommender in the suite.
+
+    Subclasses take the dataset's :class:`DatasetInfo` and typed keyword options, build their parameters, and
+    implement :meth:`forward` (and :meth:`ego_parameters` when their layer-0 parameters are not ``self.user_embedding``
+    and ``self.item_embedding``). Scoring is a dot product and the loss is BPR plus the shared ego-L2 term
+    (SPEC §2.1) unless a model says otherwise.
+
+    Args:
+        data: sizes and modality shapes of the dataset.
+        embedding_dim: width of the ID embeddings (64 in every experiment, SPEC §2.1).
+        num_layers: number of graph layers (2 in every experiment).
+    """
+
+    #: Names of parameters that are deliberately never trained (e.g. MMGCN's ``frozen_id`` release behaviour).
+    #: The conformance suite checks that every other parameter gets a gradient.
+    frozen_parameters: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, data: DatasetInfo, *, embedding_dim: int = 64, num_layers: int = 2):
+        super().__init__()
+        if embedding_dim <= 0 or num_layers < 0:
+            raise ValueError(f"embedding_dim must be > 0 and num_layers >= 0, got {embedding_dim}, {num_layers}")
+        self.num_users = data.num_users
+        self.num_items = data.num_items
+        self.embedding_dim = embedding_dim
+        self.num_layers = num_layers
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter (Xavier for embeddings and weights, SPEC §2.1)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    @abc.abstractmethod
+    def forward(self, graph: InteractionGraph) -> Embeddings:
+        """Full-graph forward: user and item representations (and learned edge weights, if any)."""
+
+    def score(self, emb: Embeddings, users: Tensor) -> Tensor:
+        """``[B, I]`` preference scores of ``users`` for every item (Eq. 11: a dot product)."""
+        return emb.user[users] @ emb.item.t()
+
+    def pair_score(self, emb: Embeddings, users: Tensor, items: Tensor) -> Tensor:
+        """``[B]`` scores of the given (user, item) pairs; must agree with :meth:`score`."""
+        return (emb.user[users] * emb.item[items]).sum(-1)
+
+    def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
+        """The batch's layer-0 parameters that the L2 term covers (default: the rows of the ID embeddings)."""
+        return [self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg]]
+
+    def loss(self, emb: Embeddings, users: Tensor, pos: Tensor, neg: Tensor, reg_weight: float) -> Tensor:
+        """Mean BPR over the batch plus ``reg_weight`` times the mean square of the ego parameters (Eq. 13)."""
+        pos_scores = self.pair_score(emb, users, pos)
+        neg_scores = self.pair_score(emb, users, neg)
+        return bpr_loss(pos_scores, neg_scores) + reg_weight * ego_l2(self.ego_parameters(users, pos, neg))
+
+    def extra_repr(self) -> str:
+        return f"users={self.num_users}, items={self.num_items}, dim={self.embedding_dim}, layers={self.num_layers}"
+
+
+def xavier_embedding(num: int, dim: int) -> torch.nn.Parameter:
+    """A ``[num, dim]`` parameter with Xavier-uniform initialisation (SPEC §2.1)."""
+    weight = torch.empty(num, dim)
+    torch.nn.init.xavier_uniform_(weight)
+    return torch.nn.Parameter(weight)
