@@ -1,0 +1,210 @@
+"""Command line: ``python run_benchmarks.py [run|report|list|describe|perf] ...`` (also ``grcn-bench``).
+
+With no arguments it runs the ``quick`` experiment and writes its report: that is ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_RESULTS = Path("results")
+
+
+def _parse_memory(text: str) -> int:
+    """``1G``, ``512M``, ``2GiB`` or a plain number of bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if value and value[-1] in units:
+            return int(float(value[:-1]) * units[value[-1]])
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (examples: 1G, 512M, 1073741824)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grcn-bench",
+        description="GRCN benchmark suite: run experiments, write reports, inspect datasets and models.",
+        epilog="With no command, runs the 'quick' experiment and writes its report (what `make bench` does).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log one line per epoch to the console")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run an experiment (a preset or a TOML file), or an ad-hoc grid")
+    run.add_argument("experiment", nargs="?", default=None,
+                     help="preset name (see `list`) or path to a TOML file; default: 'quick', or an ad-hoc grid "
+                          "when --models and --datasets are given")
+    run.add_argument("--models", nargs="+", help="model names or preset labels (default: the experiment's)")
+    run.add_argument("--datasets", nargs="+", help="dataset specs: synthetic:<preset>[?k=v&...] or a directory")
+    run.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the experiment's)")
+    run.add_argument("--lr", nargs="+", type=float, help="learning rates of the grid")
+    run.add_argument("--reg", nargs="+", type=float, help="λ values of the grid (weight of the ego-L2 term)")
+    run.add_argument("--max-epochs", type=int, help="upper bound on epochs (default 1000)")
+    run.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 20)")
+    run.add_argument("--batch-size", type=int, help="triplets per batch (default 1024)")
+    run.add_argument("--protocol", choices=["standard", "official-grcn"], help="evaluation protocol (SPEC §4)")
+    run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    run.add_argument("--eval-memory", type=_parse_memory, default="1G",
+                     help="memory budget for one batch of evaluation scores (default 1G)")
+    run.add_argument("--out", type=Path, help="results directory (default results/<experiment>)")
+    run.add_argument("--force", action="store_true", help="rerun cells that already have a stored result")
+    run.add_argument("--retry-failed", action="store_true", help="rerun only cells stored as failed")
+    run.add_argument("--keep-embeddings", action="store_true", help="store final embeddings (for t-SNE figures)")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true", help="list the cells that would run, run nothing")
+    run.add_argument("--executor", choices=["serial", "process", "ray"], default="serial",
+                     help="who runs the cells: this process (default), a local process pool, or Ray tasks")
+    run.add_argument("--workers", type=int,
+                     help="process pool size (default: one per core; one on CUDA); CPUs of a local Ray session")
+    run.add_argument("--devices", nargs="+", metavar="DEVICE",
+                     help="process executor: one worker per entry, e.g. cuda:0 cuda:1 (repeat one for more)")
+    run.add_argument("--threads-per-worker", type=int,
+                     help="torch threads per worker (default cores // workers); the CPUs each Ray task asks for")
+    run.add_argument("--ray-address", help="Ray cluster to join (e.g. auto, 10.0.0.1:6379); default: a local "
+                                           "session on 127.0.0.1. Workers need --out on a shared filesystem")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                     help="import a module or .py file here and in every worker first (e.g. to register your own "
+                          "models); repeatable")
+
+    sub.add_parser("list", help="list registered models, experiment presets and synthetic dataset presets")
+
+    describe = sub.add_parser("describe", help="print a dataset's card (counts, density, modalities, checksums)")
+    describe.add_argument("dataset", nargs="+", help="synthetic:<preset>[?k=v&...] or a directory")
+
+    report = sub.add_parser("report", help="write report.md and report.html for a results directory")
+    report.add_argument("results", type=Path, help="results directory written by `run`")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("grcn_bench").setLevel(logging.DEBUG)
+    command = args.command or "run"
+    if args.command is None:
+        args = build_parser().parse_args(["run", *(argv or [])])
+    try:
+        if command == "run":
+            return cmd_run(args)
+        if command == "list":
+            return cmd_list()
+        if command == "describe":
+            return cmd_describe(args.dataset)
+        if command == "report":
+            return cmd_report(args.results)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {command}")
+
+
+def cmd_describe(specs: Sequence[str]) -> int:
+    from tabulate import tabulate
+
+    from grcn_bench.datasets import load_dataset
+
+    for spec in specs:
+        dataset = load_dataset(spec)
+        print(f"\nDataset card: {spec}\n")
+        print(tabulate(dataset.card.rows(), headers=["field", "value"], tablefmt="github"))
+    return 0
+
+
+def cmd_list() -> int:
+    from tabulate import tabulate
+
+    from grcn_bench.datasets import PRESETS
+    from grcn_bench.models import available_models, get_model
+
+    from .config import available_experiments, load_experiment
+
+    rows = [(name, _first_line(get_model(name).__doc__)) for name in available_models()]
+    print(tabulate(rows, headers=["model", "description"], tablefmt="github"))
+    print()
+    rows = []
+    for name in available_experiments():
+        experiment = load_experiment(name)
+        rows.append((name, len(experiment.cells()), experiment.description))
+    print(tabulate(rows, headers=["experiment", "cells", "description"], tablefmt="github"))
+    print()
+    rows = [(f"synthetic:{name}", _first_line(getattr(preset, "description", ""))) for name, preset in PRESETS.items()]
+    print(tabulate(rows, headers=["dataset preset", "description"], tablefmt="github"))
+    return 0
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if text and text.strip() else ""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grcn_bench.models import get_model
+
+    from .config import Experiment, ModelEntry, load_experiment
+    from .executors import MissingExtraError, load_plugins, run_grid
+    from .store import ResultStore
+
+    load_plugins(args.plugin)  # before the model names are checked: plugins may register models
+
+    if args.experiment is None and args.models and args.datasets:
+        experiment = Experiment(name="adhoc", models=tuple(ModelEntry(m, m) for m in args.models),
+                                datasets=tuple(args.datasets))
+    else:
+        experiment = load_experiment(args.experiment or "quick")
+    train = {"max_epochs": args.max_epochs, "patience": args.patience, "batch_size": args.batch_size,
+             "protocol": args.protocol}
+    experiment = experiment.override(models=args.models, datasets=args.datasets, seeds=args.seeds, lr=args.lr,
+                                     reg=args.reg, train=train)
+    for entry in experiment.models:
+        get_model(entry.name)  # fail before any training on an unknown model name
+    cells = experiment.cells()
+    out = args.out or DEFAULT_RESULTS / experiment.name
+    store = ResultStore(out)
+    if args.dry_run:
+        for cell in cells:
+            state = store.status(cell.cell_id) or "pending"
+            print(f"{cell.cell_id}  {state:8s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
+                  f"reg={cell.settings.reg_weight} seed={cell.settings.seed}")
+        return 0
+    store.write_json("experiment.json", {"name": experiment.name, "description": experiment.description,
+                                         "cells": [c.to_dict() for c in cells], "report": dict(experiment.report)})
+    print(f"{experiment.name}: {len(cells)} cells -> {out}", file=sys.stderr)
+    # The t-SNE figure (group fig4) needs the final embeddings of its cells; --keep-embeddings stores all.
+    embeddings_for = frozenset(c.cell_id for c in cells if c.group == "fig4" or args.keep_embeddings)
+    try:
+        results = run_grid(cells, store, executor=args.executor, workers=args.workers, devices=args.devices,
+                           threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
+                           plugins=args.plugin, force=args.force, retry_failed=args.retry_failed, device=args.device,
+                           eval_memory=args.eval_memory, progress=not args.no_progress, embeddings_for=embeddings_for)
+    except MissingExtraError as err:  # e.g. Ray is not installed: the message says how to install it
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if r["status"] != "ok"]
+    for r in failed:
+        print(f"{r['status']}: {r['cell_id']}: {r.get('error') or r.get('stop_reason')}", file=sys.stderr)
+    print(f"ran {len(results)} cells ({len(failed)} not ok); {len(store.cell_ids())} stored in {out}",
+          file=sys.stderr)
+    if not args.no_report:
+        return cmd_report(out)
+    return 0
+
+
+def cmd_report(results: Path) -> int:
+    try:
+        from grcn_bench.reports.bundle import write_report
+    except ImportError:
+        print("report: not yet implemented (reports/bundle.py); results are in", results, file=sys.stderr)
+        return 0
+    path = write_report(results)
+    print(f"report: {path}")
+    return 0

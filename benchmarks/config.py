@@ -1,0 +1,282 @@
+"""Typed settings and experiments: a TOML experiment expands into independent cells (SPEC §5, DESIGN.md).
+
+A cell is one training run: (model, options, dataset spec, seed, lr, λ) plus the training settings that change its
+result. Its id is a hash of its canonical JSON, so the same cell always has the same id and a rerun finds it in the
+store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROTOCOLS = ("standard", "official-grcn")
+DEFAULT_KS = (10, 20)
+SELECTION_METRIC = "recall@10"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything about training and evaluation that changes a result (SPEC §3, §4).
+
+    Args:
+        lr: Adam learning rate.
+        reg_weight: λ, the weight of the shared ego-L2 term in the loss (Eq. 13).
+        seed: seeds Python, NumPy, torch and the negative sampler.
+        batch_size: triplets per batch (1024, the authors' setting).
+        max_epochs: upper bound on epochs (1000).
+        patience: epochs without a better validation Recall@10 before stopping (20).
+        ks: cut-offs of every reported metric; 10 must be among them (selection uses Recall@10).
+        protocol: "standard" (SPEC §4.1) or "official-grcn" (the released code's protocol, §4.3, audit only).
+    """
+
+    lr: float = 1e-3
+    reg_weight: float = 1e-4
+    seed: int = 0
+    batch_size: int = 1024
+    max_epochs: int = 1000
+    patience: int = 20
+    ks: tuple[int, ...] = DEFAULT_KS
+    protocol: str = "standard"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.reg_weight < 0:
+            raise ValueError(f"lr must be > 0 and reg_weight >= 0, got lr={self.lr}, reg_weight={self.reg_weight}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+            raise ValueError("batch_size, max_epochs and patience must be >= 1")
+        if 10 not in self.ks:
+            raise ValueError(f"ks must include 10 (model selection uses {SELECTION_METRIC}), got {self.ks}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}")
+        object.__setattr__(self, "ks", tuple(sorted(set(int(k) for k in self.ks))))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One independent training run of the grid.
+
+    ``options`` are the model's typed keyword arguments. ``label`` (the row name in reports, e.g. "GRCN_max") and
+    ``group`` (the table or figure that asked for it, e.g. "table3") are presentation only: they are not part of the
+    id, so a cell that two tables need is trained once.
+    """
+
+    model: str
+    dataset: str
+    settings: TrainSettings
+    options: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    group: str = ""
+
+    def canonical(self) -> dict[str, Any]:
+        """The identity of the cell as plain JSON data (sorted keys at every level when serialised)."""
+        return {
+            "model": self.model,
+            "options": _plain(self.options),
+            "dataset": self.dataset,
+            "settings": _plain(dataclasses.asdict(self.settings)),
+        }
+
+    @property
+    def cell_id(self) -> str:
+        """A deterministic id: model, dataset, seed and a hash of the canonical JSON."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        dataset = "".join(c if c.isalnum() else "-" for c in self.dataset.split("/")[-1] or self.dataset)
+        return f"{self.model}-{dataset}-s{self.settings.seed}-{digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.canonical(), "label": self.label or self.model, "group": self.group, "cell_id": self.cell_id}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cell:
+        settings = dict(data["settings"])
+        settings["ks"] = tuple(settings.get("ks", DEFAULT_KS))
+        return cls(
+            model=data["model"],
+            dataset=data["dataset"],
+            settings=TrainSettings(**settings),
+            options=dict(data.get("options", {})),
+            label=data.get("label", ""),
+            group=data.get("group", ""),
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, mappings to sorted dicts: the JSON form that identifies a value."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model row of an experiment.
+
+    Args:
+        name: registry name of the model.
+        label: row name in reports.
+        options: the model's keyword arguments.
+        sweep: option name -> values; one cell per value (e.g. routing_iterations for Figure 3).
+        datasets: this entry's own dataset list (default: the experiment's).
+        group: which table or figure the entry feeds ("table2", "table3", "fig3", "fig4", "noise", "audit").
+        train: training-setting overrides for this entry (e.g. ``protocol = "official-grcn"`` for the audit).
+    """
+
+    name: str
+    label: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    sweep: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    datasets: tuple[str, ...] | None = None
+    group: str = "table2"
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment preset (``benchmarks/experiments/<name>.toml``), expanded by :meth:`cells`.
+
+    The lr x λ grid, seeds and datasets are crossed with every model entry (and every point of its ``sweep``);
+    hyper-parameters are later selected per (label, dataset) on validation Recall@10 (SPEC §4.4).
+    """
+
+    name: str
+    models: tuple[ModelEntry, ...]
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    lr: tuple[float, ...] = (1e-3,)
+    reg: tuple[float, ...] = (1e-4,)
+    train: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    report: Mapping[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        out: list[Cell] = []
+        for entry in self.models:
+            datasets = self.datasets if entry.datasets is None else entry.datasets
+            sweep_keys = sorted(entry.sweep)
+            sweep_points = list(itertools.product(*(entry.sweep[k] for k in sweep_keys))) or [()]
+            for dataset, point, seed, lr, reg in itertools.product(
+                datasets, sweep_points, self.seeds, self.lr, self.reg
+            ):
+                options = {**entry.options, **dict(zip(sweep_keys, point, strict=True))}
+                settings = TrainSettings(lr=float(lr), reg_weight=float(reg), seed=int(seed), **self._train(entry))
+                out.append(Cell(entry.name, dataset, settings, options, entry.label, entry.group))
+        return out
+
+    def _train(self, entry: ModelEntry) -> dict[str, Any]:
+        train = {**self.train, **entry.train}
+        if "ks" in train:
+            train["ks"] = tuple(train["ks"])
+        return train
+
+    def override(
+        self,
+        *,
+        models: Sequence[str] | None = None,
+        datasets: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        lr: Sequence[float] | None = None,
+        reg: Sequence[float] | None = None,
+        train: Mapping[str, Any] | None = None,
+    ) -> Experiment:
+        """A copy with command-line overrides. ``models`` keeps the preset's entries whose name or label is listed,
+        and adds a plain entry for any other registered name."""
+        changes: dict[str, Any] = {}
+        if models:
+            kept = [m for m in self.models if m.name in models or m.label in models]
+            covered = {m.name for m in kept} | {m.label for m in kept}
+            kept += [ModelEntry(name=name, label=name) for name in models if name not in covered]
+            changes["models"] = tuple(kept)
+        if datasets:
+            changes["datasets"] = tuple(datasets)
+            # Entries with their own dataset lists follow the override too: the user asked for these datasets.
+            changes["models"] = tuple(dataclasses.replace(m, datasets=None) for m in changes.get("models", self.models))
+        if seeds:
+            changes["seeds"] = tuple(int(s) for s in seeds)
+        if lr:
+            changes["lr"] = tuple(float(x) for x in lr)
+        if reg:
+            changes["reg"] = tuple(float(x) for x in reg)
+        if train:
+            changes["train"] = {**self.train, **{k: v for k, v in train.items() if v is not None}}
+        return dataclasses.replace(self, **changes)
+
+
+def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
+    """Build an :class:`Experiment` from parsed TOML, with clear errors for missing or unknown keys."""
+    known = {"name", "description", "models", "datasets", "seeds", "lr", "reg", "train", "report"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"experiment {name!r}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    if not data.get("models"):
+        raise ValueError(f"experiment {name!r}: needs at least one [[models]] entry")
+    if not data.get("datasets"):
+        raise ValueError(f"experiment {name!r}: needs a non-empty 'datasets' list")
+    entries = []
+    for raw in data["models"]:
+        allowed = {"name", "label", "options", "sweep", "datasets", "group", "train"}
+        if set(raw) - allowed or "name" not in raw:
+            raise ValueError(f"experiment {name!r}: a [[models]] entry needs 'name' and allows only "
+                             f"{sorted(allowed - {'name'})}; got {sorted(raw)}")
+        entries.append(
+            ModelEntry(
+                name=raw["name"],
+                label=raw.get("label", raw["name"]),
+                options=dict(raw.get("options", {})),
+                sweep={k: list(v) for k, v in raw.get("sweep", {}).items()},
+                datasets=tuple(raw["datasets"]) if "datasets" in raw else None,
+                group=raw.get("group", "table2"),
+                train=dict(raw.get("train", {})),
+            )
+        )
+    return Experiment(
+        name=data.get("name", name),
+        description=data.get("description", ""),
+        models=tuple(entries),
+        datasets=tuple(data["datasets"]),
+        seeds=tuple(data.get("seeds", (0,))),
+        lr=tuple(data.get("lr", (1e-3,))),
+        reg=tuple(data.get("reg", (1e-4,))),
+        train=dict(data.get("train", {})),
+        report=dict(data.get("report", {})),
+    )
+
+
+def available_experiments() -> list[str]:
+    """Names of the presets shipped in ``benchmarks/experiments/``."""
+    folder = resources.files("grcn_bench.benchmarks") / "experiments"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    """A preset by name (``quick``, ``table2``, ...) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment file {path} does not exist")
+        text, name = path.read_text(), path.stem
+    else:
+        resource = resources.files("grcn_bench.benchmarks") / "experiments" / f"{name_or_path}.toml"
+        if not resource.is_file():
+            raise KeyError(f"unknown experiment {name_or_path!r}; presets: {', '.join(available_experiments())}")
+        text, name = resource.read_text(), name_or_path
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"experiment {name!r}: invalid TOML: {err}") from err
+    return experiment_from_dict(data, name=name)

@@ -1,0 +1,279 @@
+r"""Full-ranking evaluation: every item the user has not consumed is a candidate (SPEC §4.1, §4.3).
+
+One forward pass in eval mode gives the embeddings; users are then ranked in batches whose size comes from a memory
+budget. Each batch goes through four small steps, each its own function so that one can be replaced without touching
+the others (a faster scoring path, for instance):
+
+1. :func:`score_batch` — the model's ``score`` for the batch, ``[B, I]``;
+2. :func:`mask_scores_` — the items the protocol masks get a fixed score, in place, with one flat ``index_put_``;
+3. :func:`~grcn_bench.benchmarks.metrics.top_k` — the ``K_max`` best items per user;
+4. :func:`~grcn_bench.benchmarks.metrics.hits_from_csr` and :func:`~grcn_bench.benchmarks.metrics.rank_metrics`.
+
+Protocols:
+
+- ``"standard"`` (default, SPEC §4.1): validation masks the user's training items; test masks training and validation
+  items; masked scores are :math:`-\infty`; NDCG's IDCG runs over :math:`\min(|P|, K)` positions.
+- ``"official-grcn"`` (SPEC §4.3, for the protocol audit only): training items get the score ``1e-5`` instead (so they
+  still outrank every negative score), validation items are not masked at test time, and NDCG's IDCG runs over
+  :math:`\min(\mathrm{hits}, K)` positions.
+
+In both, users with no held-out positive in the split are skipped and metrics are averaged over the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from grcn_bench.datasets.base import InteractionGraph, RecDataset
+from grcn_bench.models.base import Embeddings, Recommender
+
+from .metrics import hits_from_csr, normalize_ks, pad_hits, rank_metrics, top_k
+
+EVAL_SPLITS = ("val", "test")
+
+#: Bytes of one score (float32).
+SCORE_BYTES = 4
+#: ``[B, I]`` float32 blocks budgeted per batch: the score block itself (masked and ranked in place) plus one more of
+#: the same size for transient copies: a model's ``score`` commonly materialises one intermediate of that shape (a
+#: matmul before a sum or a bias), and on GPU ``topk``'s selection workspace is of that order. The rest is small next
+#: to a block: the mask's flat indices scale with the batch's interactions (16 bytes per masked pair, a fraction of a
+#: block below ~25 % density), the hit and metric matrices with ``B * K_max``, and CPU ``topk`` keeps one row-sized
+#: buffer per thread, not per row.
+SCORE_BLOCKS = 2
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How an evaluation protocol masks and normalises (SPEC §4.1, §4.3)."""
+
+    name: str
+    mask_value: float
+    mask_validation_at_test: bool
+    ndcg: str
+
+    def masked_splits(self, split: str) -> tuple[str, ...]:
+        """The splits whose items are masked when ranking for ``split``."""
+        if split == "test" and self.mask_validation_at_test:
+            return ("train", "val")
+        return ("train",)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "standard": Protocol("standard", float("-inf"), mask_validation_at_test=True, ndcg="standard"),
+    "official-grcn": Protocol("official-grcn", 1e-5, mask_validation_at_test=False, ndcg="official"),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown evaluation protocol {name!r}; expected one of {tuple(PROTOCOLS)}") from None
+
+
+@dataclass
+class EvalResult:
+    """Per-user metrics of one evaluation.
+
+    ``users`` ``[n]`` are the evaluated user ids (those with at least one held-out positive in the split), in
+    increasing order; ``per_user`` maps each metric name (canonical order, see
+    :func:`~grcn_bench.benchmarks.metrics.metric_names`) to a float64 array ``[n]`` aligned with ``users``.
+    ``top_items`` ``[n, K_max]`` holds the ranked lists when asked for (``-1`` marks a position with no item: the
+    catalogue is smaller than ``K_max`` or only masked items were left).
+    """
+
+    split: str
+    ks: tuple[int, ...]
+    protocol: str
+    users: np.ndarray
+    per_user: dict[str, np.ndarray]
+    top_items: np.ndarray | None = None
+
+    @property
+    def num_users(self) -> int:
+        return int(self.users.size)
+
+    def mean(self) -> dict[str, float]:
+        """Every metric averaged over the evaluated users."""
+        return {name: float(values.mean()) for name, values in self.per_user.items()}
+
+
+def eval_batch_size(memory_budget: int, num_items: int) -> int:
+    """Users per batch so that :data:`SCORE_BLOCKS` float32 ``[B, I]`` blocks fit in ``memory_budget`` bytes."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    return max(1, memory_budget // (max(1, num_items) * SCORE_BYTES * SCORE_BLOCKS))
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own previous mode (mixed modes survive)."""
+    previous = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in previous:
+            module.training = training
+
+
+def compute_embeddings(model: Recommender, graph: InteractionGraph) -> Embeddings:
+    """The model's full-graph forward in eval mode without autograd (the one forward of an evaluation)."""
+    with torch.no_grad(), eval_mode(model):
+        return model(graph)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def csr_to_torch(indptr: np.ndarray, items: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A numpy CSR ``(indptr, items)`` as int64 tensors on ``device``."""
+    as_long = dict(dtype=torch.long, device=device)
+    return torch.as_tensor(indptr, **as_long), torch.as_tensor(items, **as_long)
+
+
+def csr_select(indptr: Tensor, items: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch-local CSR ``(indptr [B+1], items)`` of the given rows of a CSR matrix, without a per-row loop."""
+    starts = indptr[rows]
+    counts = indptr[rows + 1] - starts
+    local = torch.zeros(rows.numel() + 1, dtype=torch.long, device=indptr.device)
+    torch.cumsum(counts, 0, out=local[1:])
+    total = int(local[-1])
+    # Global position of every selected entry: its row's start plus its offset inside the row.
+    offset = torch.arange(total, device=indptr.device) - torch.repeat_interleave(local[:-1], counts, output_size=total)
+    position = torch.repeat_interleave(starts, counts, output_size=total) + offset
+    return local, items[position]
+
+
+def score_batch(model: Recommender, emb: Embeddings, users: Tensor, protected: frozenset[int] = frozenset()) -> Tensor:
+    """``[B, I]`` scores of ``users`` that the caller may modify in place.
+
+    ``protected`` holds storage addresses (the model's parameters and the embeddings): a ``score`` that returns a view
+    of one of them is copied, so that masking never writes into the model.
+    """
+    scores = model.score(emb, users)
+    expected = (users.numel(), emb.item.size(0))
+    if scores.dim() != 2 or tuple(scores.shape) != expected or not scores.is_floating_point():
+        raise ValueError(
+            f"{type(model).__name__}.score returned {scores.dtype} {tuple(scores.shape)}; expected a floating "
+            f"{expected} matrix"
+        )
+    if scores.untyped_storage().data_ptr() in protected:
+        scores = scores.clone()
+    return scores
+
+
+def mask_scores_(scores: Tensor, indptr: Tensor, items: Tensor, value: float) -> Tensor:
+    """Set ``scores[b, items of row b]`` to ``value`` for every row of the batch-local CSR, in place."""
+    counts = indptr[1:] - indptr[:-1]
+    batch_rows = torch.arange(scores.size(0), device=scores.device)
+    rows = torch.repeat_interleave(batch_rows, counts, output_size=items.numel())
+    scores.index_put_((rows, items), torch.tensor(value, dtype=scores.dtype, device=scores.device))
+    return scores
+
+
+def pad_items(top: Tensor, kmax: int) -> Tensor:
+    """Pad ``[B, k]`` item lists with ``-1`` up to ``kmax`` columns (a catalogue smaller than ``kmax``)."""
+    if top.size(1) >= kmax:
+        return top
+    return torch.nn.functional.pad(top, (0, kmax - top.size(1)), value=-1)
+
+
+def _storage_addresses(model: torch.nn.Module, emb: Embeddings) -> frozenset[int]:
+    tensors = [*model.parameters(), *model.buffers(), *(t for t in emb if t is not None)]
+    return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+
+
+def evaluate(
+    model: Recommender,
+    dataset: RecDataset,
+    split: str = "val",
+    *,
+    ks: int | Sequence[int] = (10,),
+    graph: InteractionGraph | None = None,
+    embeddings: Embeddings | None = None,
+    memory_budget: int = 1 << 30,
+    protocol: str = "standard",
+    device: torch.device | str | None = None,
+    keep_top_items: bool = False,
+) -> EvalResult:
+    """Rank all items for every user with a held-out positive in ``split`` and compute metrics @K.
+
+    Args:
+        model: the recommender; its train/eval mode is restored afterwards.
+        dataset: supplies the held-out pairs and the items to mask.
+        split: ``"val"`` or ``"test"``.
+        ks: cut-offs (sorted and de-duplicated in the result).
+        graph: the forward's input (default ``dataset.graph()`` on ``device``).
+        embeddings: precomputed embeddings; when given, no forward runs and ``graph`` is unused.
+        memory_budget: bytes allowed for the per-batch score blocks (see :func:`eval_batch_size`).
+        protocol: ``"standard"`` or ``"official-grcn"`` (audit only).
+        device: where the forward and ranking run (default: the model's device; with ``embeddings``, theirs).
+        keep_top_items: also return every evaluated user's top-``K_max`` list.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"cannot evaluate split {split!r}; expected one of {EVAL_SPLITS}")
+    rules = get_protocol(protocol)
+    ks = normalize_ks(ks)
+    kmax = ks[-1]
+    batch_size = eval_batch_size(memory_budget, dataset.num_items)
+
+    if embeddings is None:
+        device = torch.device(device) if device is not None else model_device(model)
+        embeddings = compute_embeddings(model, graph if graph is not None else dataset.graph().to(device))
+    if embeddings.user.size(0) != dataset.num_users or embeddings.item.size(0) != dataset.num_items:
+        raise ValueError(
+            f"embeddings cover {embeddings.user.size(0)} users and {embeddings.item.size(0)} items; the dataset has "
+            f"{dataset.num_users} and {dataset.num_items}"
+        )
+    device = embeddings.user.device
+
+    held_indptr, held_items = dataset.user_items(split)
+    users = np.flatnonzero(np.diff(held_indptr) > 0)
+    if users.size == 0:
+        raise ValueError(f"split {split!r} of {dataset.name!r} has no held-out pairs: nothing to evaluate")
+    held = csr_to_torch(held_indptr, held_items, device)
+    masked = csr_to_torch(*dataset.user_items(*rules.masked_splits(split)), device)
+    protected = _storage_addresses(model, embeddings)
+
+    per_user: dict[str, list[Tensor]] = {}
+    top_lists: list[Tensor] = []
+    with torch.no_grad(), eval_mode(model):
+        for start in range(0, users.size, batch_size):
+            batch = torch.as_tensor(users[start : start + batch_size], dtype=torch.long, device=device)
+            scores = score_batch(model, embeddings, batch, protected)
+            mask_scores_(scores, *csr_select(*masked, batch), rules.mask_value)
+            values, top = top_k(scores, kmax)
+            # torch.topk ranks NaN above every number, so a NaN anywhere in a row surfaces in its first column.
+            if bool(torch.isnan(values[:, 0]).any()):
+                bad = int(batch[torch.isnan(values[:, 0])][0])
+                raise ValueError(f"{type(model).__name__} produced NaN scores (first for user {bad})")
+            pos_indptr, pos_items = csr_select(*held, batch)
+            hits = pad_hits(hits_from_csr(top, pos_indptr, pos_items, dataset.num_items), kmax)
+            metrics = rank_metrics(hits, pos_indptr[1:] - pos_indptr[:-1], ks, ndcg=rules.ndcg)
+            for name, value in metrics.items():
+                per_user.setdefault(name, []).append(value.cpu())
+            if keep_top_items:
+                top = top.masked_fill(values == float("-inf"), -1)
+                top_lists.append(pad_items(top, kmax).cpu())
+
+    return EvalResult(
+        split=split,
+        ks=ks,
+        protocol=rules.name,
+        users=users,
+        per_user={name: torch.cat(parts).numpy().astype(np.float64) for name, parts in per_user.items()},
+        top_items=torch.cat(top_lists).numpy() if keep_top_items else None,
+    )

@@ -1,0 +1,221 @@
+"""Run one cell end to end (DESIGN.md "Data flow of one cell") and store its result.
+
+``load_dataset`` (cached per process) -> ``get_model(...)`` -> ``trainer.fit`` (validation every epoch) -> best state
+restored -> test evaluated once -> ``store.write``. A cell that raises is stored as ``failed`` with its traceback;
+one whose loss stops being finite as ``diverged``. Either way the grid goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grcn_bench.datasets import load_dataset
+from grcn_bench.datasets.base import RecDataset
+from grcn_bench.models import get_model
+
+from .config import Cell
+from .evaluator import EvalResult, evaluate
+from .store import ResultStore
+from .trainer import fit, seed_everything
+
+log = logging.getLogger("grcn_bench.runner")
+
+DEFAULT_EVAL_MEMORY = 1 << 30  # bytes of scores per evaluation batch (SPEC §4.1)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_dataset(spec: str) -> RecDataset:
+    """Load a dataset once per process: the cells of a grid share it (datasets are immutable after loading)."""
+    return load_dataset(spec)
+
+
+def run_cell(
+    cell: Cell,
+    store: ResultStore,
+    *,
+    device: str = "cpu",
+    eval_memory: int = DEFAULT_EVAL_MEMORY,
+    progress: bool = True,
+    keep_embeddings: bool = False,
+    dataset_loader: Callable[[str], RecDataset] = cached_dataset,
+) -> dict[str, Any]:
+    """Train and test one cell, write its result to ``store`` and return it (never raises for a model error)."""
+    started = time.perf_counter()
+    result: dict[str, Any] = {"cell": cell.to_dict(), "cell_id": cell.cell_id, "environment": environment(device)}
+    arrays: dict[str, np.ndarray] = {}
+    log_path = store.log_path(cell.cell_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with log_path.open("w") as log_file:
+
+            def epoch_log(line: str) -> None:
+                log_file.write(line + "\n")
+                log_file.flush()
+                log.debug("%s %s", cell.cell_id, line)
+
+            result.update(_train_and_test(cell, store, device, eval_memory, progress, keep_embeddings,
+                                          dataset_loader, epoch_log, arrays))
+    except Exception as err:  # the grid must go on: record the failure with its reason
+        log.error("cell %s failed: %s", cell.cell_id, err)
+        result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        arrays.clear()
+    result["seconds"] = time.perf_counter() - started
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+    store.write(cell.cell_id, result, arrays)
+    store.checkpoint_path(cell.cell_id).unlink(missing_ok=True)
+    return result
+
+
+def _train_and_test(
+    cell: Cell,
+    store: ResultStore,
+    device: str,
+    eval_memory: int,
+    progress: bool,
+    keep_embeddings: bool,
+    dataset_loader: Callable[[str], RecDataset],
+    epoch_log: Callable[[str], None],
+    arrays: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    settings = cell.settings
+    dataset = dataset_loader(cell.dataset)
+    graph = dataset.graph().to(device)
+    seed_everything(settings.seed)
+    model = get_model(cell.model)(dataset.info(), **cell.options).to(device)
+    # Standard protocol selects on validation (SPEC §4.1); the released code's protocol selects on test (§4.3).
+    selection_split = "val" if settings.protocol == "standard" else "test"
+
+    def run_eval(split: str) -> EvalResult:
+        return evaluate(model, dataset, split, ks=settings.ks, graph=graph, memory_budget=eval_memory,
+                        protocol=settings.protocol, device=device)
+
+    fitted = fit(
+        model, dataset, settings, lambda m, epoch: run_eval(selection_split).mean(),
+        graph=graph, device=device, checkpoint_path=store.checkpoint_path(cell.cell_id), progress=progress,
+        description=f"{cell.label or cell.model} on {cell.dataset} (seed {settings.seed})", epoch_log=epoch_log,
+    )
+    out: dict[str, Any] = {
+        "status": fitted.status,
+        "stop_reason": fitted.stop_reason,
+        "best_epoch": fitted.best_epoch,
+        "epochs_run": fitted.epochs_run,
+        "selection_split": selection_split,
+        "best_selection_metrics": fitted.best_metrics,
+        "history": [record.to_dict() for record in fitted.history],
+        "dataset_card": dataset.card.to_dict(),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "test_metrics": None,
+        "val_metrics": None,
+    }
+    if fitted.best_state is None:  # diverged before any epoch finished: nothing to test
+        return out
+    started = time.perf_counter()
+    test = run_eval("test")
+    out["test_seconds"] = time.perf_counter() - started
+    out["test_metrics"] = test.mean()
+    out["val_metrics"] = fitted.best_metrics if selection_split == "val" else run_eval("val").mean()
+    arrays["test_users"] = test.users
+    arrays.update({f"test_{name}": values for name, values in test.per_user.items()})
+    model.eval()
+    with torch.no_grad():
+        emb = model(graph)
+    if emb.edge_weight is not None and dataset.train_noise is not None:
+        out["edge_weight_auc"] = edge_weight_auc(graph, emb.edge_weight, dataset.train_noise)
+    if keep_embeddings:
+        arrays["user_embedding"] = emb.user.detach().cpu().numpy()
+        arrays["item_embedding"] = emb.item.detach().cpu().numpy()
+    return out
+
+
+def edge_weight_auc(graph, edge_weight: torch.Tensor, noise: torch.Tensor) -> dict[str, float] | None:
+    """ROC-AUC of learned edge weights at telling labelled false-positive train pairs from the rest (SPEC §5.6).
+
+    A lower weight should mean "more likely noise", so the score of a pair is its negated weight; reported for the
+    weight the user puts on the item (``user_side``), the item on the user (``item_side``) and their mean.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = noise.cpu().numpy().astype(bool)
+    if labels.all() or not labels.any():
+        return None
+    user_side, item_side = (w.detach().float().cpu().numpy() for w in graph.pair_weights(edge_weight))
+    return {
+        "user_side": float(roc_auc_score(labels, -user_side)),
+        "item_side": float(roc_auc_score(labels, -item_side)),
+        "mean": float(roc_auc_score(labels, -(user_side + item_side))),
+    }
+
+
+def run_cells(cells: Iterable[Cell], store: ResultStore, **options: Any) -> list[dict[str, Any]]:
+    """The serial executor; kept for callers of the first API. See :func:`.executors.run_grid`."""
+    from .executors import run_grid
+
+    return run_grid(cells, store, executor="serial", **options)
+
+
+def pending_cells(cells: Iterable[Cell], store: ResultStore, *, force: bool = False,
+                  retry_failed: bool = False) -> list[Cell]:
+    """Cells that still need running, in order, without duplicates."""
+    seen: set[str] = set()
+    todo = []
+    for cell in cells:
+        if cell.cell_id in seen:
+            continue
+        seen.add(cell.cell_id)
+        status = store.status(cell.cell_id)
+        if force or status is None or (retry_failed and status == "failed"):
+            todo.append(cell)
+    return todo
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Versions, device and git commit: enough to tell where a number came from."""
+    import torch_geometric
+
+    from grcn_bench import __version__
+
+    env = {
+        "grcn_bench": __version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_geometric": torch_geometric.__version__,
+        "numpy": np.__version__,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env

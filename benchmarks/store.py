@@ -1,0 +1,130 @@
+"""The result store: one JSON file per cell (plus an ``.npz`` of per-user metrics), written atomically.
+
+Layout of a results directory::
+
+    <out>/cells/<cell_id>.json    the result (DESIGN.md "Result file"); its presence means the cell is done
+    <out>/cells/<cell_id>.npz     per-user test metrics (and embeddings when asked), written before the JSON
+    <out>/checkpoints/<cell_id>.pt  best state during training (removed when the cell finishes)
+    <out>/logs/<cell_id>.log      one line per epoch
+
+Every file is written to a temporary name in the same folder, flushed to disk and renamed over its final name
+(``os.replace`` is atomic on POSIX), so a crash or a kill at any moment leaves either the complete file or none.
+Reports only read the store; a rerun skips cells whose JSON exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STATUSES = ("ok", "diverged", "failed")
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see either the old file, or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultStore:
+    """A results directory: write, read and list cell results."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.logs_dir = self.root / "logs"
+
+    def result_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.json"
+
+    def arrays_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.npz"
+
+    def checkpoint_path(self, cell_id: str) -> Path:
+        return self.checkpoints_dir / f"{cell_id}.pt"
+
+    def log_path(self, cell_id: str) -> Path:
+        return self.logs_dir / f"{cell_id}.log"
+
+    def has(self, cell_id: str) -> bool:
+        return self.result_path(cell_id).is_file()
+
+    def status(self, cell_id: str) -> str | None:
+        """The stored status of a cell, or None if it has no result."""
+        return self.read(cell_id)["status"] if self.has(cell_id) else None
+
+    def write(self, cell_id: str, result: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        """Store a cell's result. The arrays go first, the JSON last: a JSON file always has its arrays."""
+        if result.get("status") not in STATUSES:
+            raise ValueError(f"result status must be one of {STATUSES}, got {result.get('status')!r}")
+        if arrays:
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+            atomic_write_bytes(self.arrays_path(cell_id), buffer.getvalue())
+        else:
+            self.arrays_path(cell_id).unlink(missing_ok=True)
+        payload = json.dumps(result, indent=1, sort_keys=True, default=_json_default, allow_nan=True)
+        atomic_write_bytes(self.result_path(cell_id), payload.encode())
+
+    def read(self, cell_id: str) -> dict[str, Any]:
+        path = self.result_path(cell_id)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:  # only possible if someone edited the file by hand
+            raise ValueError(f"{path}: not a valid result file ({err})") from err
+
+    def read_arrays(self, cell_id: str) -> dict[str, np.ndarray]:
+        """Per-user arrays of a cell (empty when it stored none). Plain arrays only: no pickles are loaded."""
+        path = self.arrays_path(cell_id)
+        if not path.is_file():
+            return {}
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+    def cell_ids(self) -> list[str]:
+        if not self.cells_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.cells_dir.glob("*.json") if not p.name.startswith("."))
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        for cell_id in self.cell_ids():
+            yield self.read(cell_id)
+
+    def remove(self, cell_id: str) -> None:
+        for path in (self.result_path(cell_id), self.arrays_path(cell_id), self.checkpoint_path(cell_id)):
+            path.unlink(missing_ok=True)
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """A JSON side file at the store's root (experiment description, environment)."""
+        path = self.root / name
+        atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True, default=_json_default).encode())
+        return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a result file")

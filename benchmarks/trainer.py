@@ -1,0 +1,224 @@
+"""Training, exactly as SPEC §3 says: the same loop, batches, negatives and early stopping for every model.
+
+Per epoch: every training pair once, shuffled, each with one negative drawn uniformly from the items the user has
+not trained on (redrawn every epoch, seeded generator); batches of 1024; every batch runs the model's full-graph
+forward, the shared loss (BPR + λ·ego-L2) and an Adam step. After every epoch the validation metrics decide early
+stopping on Recall@10 with patience 20; the best state is kept (in memory, and as a checkpoint when a path is given)
+and restored at the end. A non-finite loss stops the run with status ``diverged``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from grcn_bench.datasets.base import InteractionGraph, RecDataset
+from grcn_bench.datasets.sampling import sample_negatives
+from grcn_bench.models.base import Recommender
+
+from .config import SELECTION_METRIC, TrainSettings
+from .store import atomic_write_bytes
+
+log = logging.getLogger("grcn_bench.trainer")
+
+#: ``validate(model, epoch) -> {metric: value}``; must include Recall@10.
+Validator = Callable[[Recommender, int], dict[str, float]]
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of the history: mean training loss, selection-split metrics, and seconds spent."""
+
+    epoch: int
+    loss: float
+    metrics: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "metrics": self.metrics,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+        }
+
+
+@dataclass
+class FitResult:
+    """What training produced. ``best_state`` has already been loaded into the model when ``fit`` returns."""
+
+    status: str  # "ok" or "diverged"
+    best_epoch: int  # 0 when no epoch finished
+    best_metrics: dict[str, float]
+    history: list[EpochRecord] = field(default_factory=list)
+    stop_reason: str = ""
+    best_state: dict[str, Tensor] | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch from one seed; return the sampler's own generator (SPEC §3)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_triplets(
+    train: Tensor, indptr: np.ndarray, items: np.ndarray, num_items: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every training pair once in a fresh random order, each with a freshly drawn negative (Eq. 12)."""
+    order = torch.randperm(train.size(0), generator=generator)
+    users, pos = train[order, 0], train[order, 1]
+    neg = sample_negatives(indptr, items, users, num_items, generator)
+    return users, pos, neg
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached copy of the model's state, on the CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(state: dict[str, Tensor], path: Path) -> None:
+    """Write a state dict atomically (read back with ``torch.load(weights_only=True)``, SPEC §1.4)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fit(
+    model: Recommender,
+    dataset: RecDataset,
+    settings: TrainSettings,
+    validate: Validator,
+    *,
+    graph: InteractionGraph | None = None,
+    device: torch.device | str = "cpu",
+    checkpoint_path: Path | None = None,
+    progress: bool = True,
+    description: str = "",
+    epoch_log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``dataset`` (SPEC §3) and leave it in its best state.
+
+    Args:
+        model: a freshly initialised model (seed before building it for reproducibility).
+        dataset: the data; only its training pairs are used for the loss.
+        settings: lr, λ, seed, batch size, max epochs, patience.
+        validate: called after every epoch; returns the selection split's metrics (Recall@10 decides).
+        graph: the training graph on ``device`` (default: ``dataset.graph()`` moved there).
+        checkpoint_path: where the best state is also written (atomically) whenever it improves.
+        progress: show a tqdm bar over epochs with the current validation Recall@10.
+        epoch_log: receives one line per epoch (loss, metrics, seconds).
+    """
+    generator = seed_everything(settings.seed)
+    device = torch.device(device)
+    graph = graph if graph is not None else dataset.graph().to(device)
+    indptr, items = dataset.user_items("train")
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    result = FitResult(status="ok", best_epoch=0, best_metrics={})
+    best_value = -math.inf
+    bar = _progress_bar(settings.max_epochs, description, progress)
+    try:
+        for epoch in range(1, settings.max_epochs + 1):
+            started = time.perf_counter()
+            users, pos, neg = epoch_triplets(dataset.train, indptr, items, dataset.num_items, generator)
+            loss = _train_epoch(model, graph, users, pos, neg, settings, optimizer, device)
+            train_seconds = time.perf_counter() - started
+            if not math.isfinite(loss):
+                result.status = "diverged"
+                result.stop_reason = f"non-finite training loss ({loss}) in epoch {epoch}"
+                log.warning("%s: %s", description or "run", result.stop_reason)
+                break
+            started = time.perf_counter()
+            metrics = validate(model, epoch)
+            eval_seconds = time.perf_counter() - started
+            record = EpochRecord(epoch, loss, metrics, train_seconds, eval_seconds)
+            result.history.append(record)
+            value = metrics[SELECTION_METRIC]
+            if value > best_value:
+                best_value, result.best_epoch, result.best_metrics = value, epoch, dict(metrics)
+                result.best_state = snapshot(model)
+                if checkpoint_path is not None:
+                    save_checkpoint(result.best_state, checkpoint_path)
+            if epoch_log is not None:
+                epoch_log(_epoch_line(record, result.best_epoch))
+            bar.set_postfix_str(f"loss {loss:.4f} val R@10 {value:.4f} best {best_value:.4f}@{result.best_epoch}")
+            bar.update(1)
+            if epoch - result.best_epoch >= settings.patience:
+                result.stop_reason = (
+                    f"early stop: no better validation {SELECTION_METRIC} for {settings.patience} epochs"
+                )
+                break
+        else:
+            result.stop_reason = f"reached max_epochs={settings.max_epochs}"
+    finally:
+        bar.close()
+    if result.best_state is not None:
+        model.load_state_dict(result.best_state)
+    return result
+
+
+def _train_epoch(
+    model: Recommender,
+    graph: InteractionGraph,
+    users: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    settings: TrainSettings,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> float:
+    """One pass over the shuffled triplets; returns the mean batch loss (non-finite as soon as one batch is)."""
+    model.train()
+    total, batches = 0.0, 0
+    for start in range(0, users.numel(), settings.batch_size):
+        stop = start + settings.batch_size
+        batch_users = users[start:stop].to(device)
+        batch_pos = pos[start:stop].to(device)
+        batch_neg = neg[start:stop].to(device)
+        emb = model(graph)
+        loss = model.loss(emb, batch_users, batch_pos, batch_neg, settings.reg_weight)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += value
+        batches += 1
+    return total / max(1, batches)
+
+
+def _epoch_line(record: EpochRecord, best_epoch: int) -> str:
+    metrics = " ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
+    return (
+        f"epoch {record.epoch:4d} loss {record.loss:.5f} {metrics} "
+        f"train {record.train_seconds:.2f}s eval {record.eval_seconds:.2f}s best@{best_epoch}"
+    )
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description or "epochs", unit="ep", leave=False, disable=not enabled,
+                dynamic_ncols=True)

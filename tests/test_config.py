@@ -1,0 +1,115 @@
+"""Experiments expand into cells with deterministic ids; settings are validated."""
+
+from __future__ import annotations
+
+import pytest
+
+from grcn_bench.benchmarks.config import (
+    Cell,
+    Experiment,
+    ModelEntry,
+    TrainSettings,
+    available_experiments,
+    experiment_from_dict,
+    load_experiment,
+)
+
+
+def test_cell_id_is_deterministic_and_sensitive_to_every_field():
+    base = Cell("grcn", "synthetic:tiny", TrainSettings(lr=1e-3, reg_weight=1e-4, seed=0), {"fusion": "max"})
+    same = Cell("grcn", "synthetic:tiny", TrainSettings(lr=1e-3, reg_weight=1e-4, seed=0), {"fusion": "max"})
+    assert base.cell_id == same.cell_id
+    variants = [
+        Cell("mf", "synthetic:tiny", base.settings, base.options),
+        Cell("grcn", "synthetic:kwai", base.settings, base.options),
+        Cell("grcn", "synthetic:tiny", TrainSettings(lr=1e-2, reg_weight=1e-4), base.options),
+        Cell("grcn", "synthetic:tiny", TrainSettings(lr=1e-3, reg_weight=1e-4, seed=1), base.options),
+        Cell("grcn", "synthetic:tiny", TrainSettings(lr=1e-3, reg_weight=1e-4, patience=5), base.options),
+        Cell("grcn", "synthetic:tiny", base.settings, {"fusion": "mean"}),
+    ]
+    ids = {v.cell_id for v in variants}
+    assert len(ids) == len(variants) and base.cell_id not in ids
+    # The label is presentation only: it does not change the identity.
+    assert Cell("grcn", "synthetic:tiny", base.settings, base.options, label="GRCN_max").cell_id == base.cell_id
+
+
+def test_cell_round_trips_through_its_dict():
+    cell = Cell("grcn", "synthetic:tiny", TrainSettings(ks=(20, 10)), {"modalities": ["v"]}, "Visual")
+    again = Cell.from_dict(cell.to_dict())
+    assert again == cell and again.cell_id == cell.cell_id
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"lr": 0}, "lr"), ({"reg_weight": -1}, "reg_weight"), ({"ks": (5, 20)}, "ks must include 10"),
+     ({"protocol": "mine"}, "unknown protocol"), ({"patience": 0}, "patience")],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(**kwargs)
+
+
+def test_experiment_expands_grid_sweeps_and_dataset_filters():
+    experiment = Experiment(
+        name="x",
+        models=(
+            ModelEntry("mf", "MF"),
+            ModelEntry("grcn", "GRCN-T", sweep={"routing_iterations": [0, 1, 2]}),
+            ModelEntry("grcn", "Acoustic", {"modalities": ["a"]}, datasets=("synthetic:tiktok",), group="table3"),
+            ModelEntry("mf", "MF", datasets=("synthetic:tiny",), group="audit", train={"protocol": "official-grcn"}),
+        ),
+        datasets=("synthetic:tiktok", "synthetic:kwai"),
+        seeds=(0, 1),
+        lr=(1e-3, 1e-2),
+        reg=(1e-4,),
+        train={"max_epochs": 5},
+    )
+    cells = experiment.cells()
+    assert len(cells) == 2 * 2 * 2 + 3 * 2 * 2 * 2 + 1 * 2 * 2 + 1 * 2 * 2
+    assert {c.options.get("routing_iterations") for c in cells if c.label == "GRCN-T"} == {0, 1, 2}
+    assert {c.dataset for c in cells if c.label == "Acoustic"} == {"synthetic:tiktok"}
+    assert {c.group for c in cells if c.label == "Acoustic"} == {"table3"}
+    audit = [c for c in cells if c.group == "audit"]
+    assert {c.settings.protocol for c in audit} == {"official-grcn"}
+    assert {c.dataset for c in audit} == {"synthetic:tiny"}
+    assert {c.settings.protocol for c in cells if c.group != "audit"} == {"standard"}
+    assert all(c.settings.max_epochs == 5 for c in cells)
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_overrides_replace_grid_and_filter_models():
+    experiment = Experiment(name="x", models=(ModelEntry("mf", "MF"), ModelEntry("grcn", "GRCN")),
+                            datasets=("synthetic:tiny",))
+    changed = experiment.override(models=["GRCN", "gat"], seeds=[3, 4], lr=[0.1], train={"max_epochs": 2,
+                                                                                        "patience": None})
+    assert [m.label for m in changed.models] == ["GRCN", "gat"]
+    cells = changed.cells()
+    assert {c.settings.seed for c in cells} == {3, 4} and {c.settings.lr for c in cells} == {0.1}
+    assert all(c.settings.max_epochs == 2 and c.settings.patience == 20 for c in cells)
+
+
+def test_every_shipped_preset_loads_and_expands():
+    names = available_experiments()
+    assert "quick" in names
+    for name in names:
+        assert load_experiment(name).cells(), name
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [({"datasets": ["a"]}, "models"), ({"models": [{"name": "mf"}]}, "datasets"),
+     ({"models": [{"name": "mf"}], "datasets": ["a"], "sedes": [1]}, "unknown keys"),
+     ({"models": [{"label": "x"}], "datasets": ["a"]}, "needs 'name'")],
+)
+def test_malformed_experiments_say_what_is_wrong(data, message):
+    with pytest.raises(ValueError, match=message):
+        experiment_from_dict(data, name="bad")
+
+
+def test_unknown_preset_lists_the_known_ones(tmp_path):
+    with pytest.raises(KeyError, match="quick"):
+        load_experiment("no-such-preset")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("models = [")
+    with pytest.raises(ValueError, match="invalid TOML"):
+        load_experiment(str(bad))

@@ -1,0 +1,65 @@
+"""The result store: atomic writes, reruns skip stored cells, a crash never leaves a partial file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from grcn_bench.benchmarks import store as store_module
+from grcn_bench.benchmarks.config import Cell, TrainSettings
+from grcn_bench.benchmarks.runner import pending_cells
+from grcn_bench.benchmarks.store import ResultStore
+
+
+def test_write_read_round_trip(tmp_path):
+    store = ResultStore(tmp_path)
+    store.write("c1", {"status": "ok", "test_metrics": {"recall@10": 0.25}}, {"test_users": np.arange(3)})
+    assert store.has("c1") and store.cell_ids() == ["c1"]
+    assert store.read("c1")["test_metrics"] == {"recall@10": 0.25}
+    np.testing.assert_array_equal(store.read_arrays("c1")["test_users"], np.arange(3))
+    assert [r["status"] for r in store.results()] == ["ok"]
+
+
+def test_status_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="status"):
+        ResultStore(tmp_path).write("c1", {"status": "maybe"})
+
+
+@pytest.mark.parametrize("crash_in", ["fsync", "replace"])
+def test_a_crash_while_writing_leaves_the_old_file_or_none(tmp_path, monkeypatch, crash_in):
+    store = ResultStore(tmp_path)
+    store.write("old", {"status": "ok", "value": 1})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(store_module.os, crash_in, crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.write("new", {"status": "ok", "value": 2})
+    with pytest.raises(KeyboardInterrupt):
+        store.write("old", {"status": "ok", "value": 3})
+    monkeypatch.undo()
+    assert not store.has("new")
+    assert store.read("old")["value"] == 1
+    assert sorted(os.listdir(store.cells_dir)) == ["old.json"]  # no temporary file left behind
+
+
+def test_arrays_are_written_before_the_json(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    order = []
+    real = store_module.atomic_write_bytes
+    monkeypatch.setattr(store_module, "atomic_write_bytes", lambda p, b: (order.append(p.suffix), real(p, b)))
+    store.write("c", {"status": "ok"}, {"x": np.zeros(2)})
+    assert order == [".npz", ".json"]
+
+
+def test_rerun_skips_stored_cells_unless_forced(tmp_path):
+    store = ResultStore(tmp_path)
+    cells = [Cell("mf", "synthetic:tiny", TrainSettings(seed=s)) for s in range(3)]
+    store.write(cells[0].cell_id, {"status": "ok"})
+    store.write(cells[1].cell_id, {"status": "failed", "error": "boom"})
+    assert pending_cells(cells, store) == [cells[2]]
+    assert pending_cells(cells, store, retry_failed=True) == [cells[1], cells[2]]
+    assert pending_cells(cells + cells, store, force=True) == cells
