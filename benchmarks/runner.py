@@ -54,6 +54,8 @@ def run_cell(
 ) -> dict[str, Any]:
     """Train and test one cell, write its result to ``store`` and return it (never raises for a model error)."""
     started = time.perf_counter()
+    if device.startswith("cuda") and torch.cuda.is_available():  # a reused worker: peak of this cell only
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
     result: dict[str, Any] = {"cell": cell.to_dict(), "cell_id": cell.cell_id, "environment": environment(device)}
     arrays: dict[str, np.ndarray] = {}
     log_path = store.log_path(cell.cell_id)
@@ -75,7 +77,7 @@ def run_cell(
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_bytes"] = peak_rss_bytes()
     if device.startswith("cuda") and torch.cuda.is_available():
-        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
     store.write(cell.cell_id, result, arrays)
     store.checkpoint_path(cell.cell_id).unlink(missing_ok=True)
     return result

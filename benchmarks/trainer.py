@@ -72,7 +72,13 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch from one seed; return the sampler's own generator (SPEC §3)."""
+    """Seed Python, NumPy and torch from one seed; return the sampler's own generator (SPEC §3).
+
+    Also asks torch for deterministic kernels: on CPU the backward of a gather with repeated indices (every model's
+    ``emb[users]``) otherwise accumulates in a thread-dependent order, and "same seed, same metrics" would hold only
+    with one thread.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
