@@ -1,0 +1,139 @@
+"""Reading untrusted dataset files without executing anything they contain (SPEC §1.4).
+
+Pickled ``.npy`` object arrays (the authors' ``val_full.npy``, ``user_item_train_dict.npy``) are unpickled with
+:class:`RestrictedUnpickler`, which resolves only the globals those files need: numpy's array reconstruction, dtypes
+and scalars, the builtin containers and ``int``, and the codec function that protocol-2 pickles use for bytes. Any
+other global (``os.system``, ``subprocess.Popen``, ``builtins.eval``, ...) is refused before it can be called.
+``.pt`` files are read with ``torch.load(weights_only=True)``, PyTorch's own restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import hashlib
+import io
+import pickle
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from numpy.lib import format as npy_format
+from torch import Tensor
+
+from .base import DatasetError
+
+try:  # numpy >= 2 keeps the implementation under numpy._core; numpy.core is a deprecated alias there.
+    from numpy._core import multiarray as _multiarray
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _multiarray
+
+__all__ = ["RestrictedUnpickler", "load_npy", "load_pt", "restricted_unpickle", "sha256_file"]
+
+_BUILTINS = ("set", "frozenset", "list", "dict", "int", "tuple")
+
+#: (module, name) -> object. Python-2 pickles name ``__builtin__``; numpy 1.x pickles name ``numpy.core``.
+ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    **{(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in _BUILTINS},
+    **{
+        (module, name): getattr(_multiarray, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    },
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`ALLOWED_GLOBALS` and names the file when it refuses one."""
+
+    def __init__(self, file: BinaryIO, path: str | Path):
+        # latin1 decodes Python-2 ``str`` payloads byte for byte, which numpy needs for array buffers.
+        super().__init__(file, encoding="latin1", fix_imports=False)
+        self.path = str(path)
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise DatasetError(
+                self.path,
+                f"refused to unpickle global {module}.{name}",
+                "only numpy arrays, dtypes and builtin containers of ints",
+            ) from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise DatasetError(self.path, "refused a persistent-id reference in the pickle", "a self-contained pickle")
+
+
+def restricted_unpickle(fileobj: BinaryIO, path: str | Path) -> object:
+    """Unpickle ``fileobj`` with :class:`RestrictedUnpickler`; every failure is a :class:`DatasetError`."""
+    try:
+        return RestrictedUnpickler(fileobj, path).load()
+    except DatasetError:
+        raise
+    except Exception as error:  # a malformed pickle raises anything from EOFError to TypeError
+        raise DatasetError(path, f"cannot unpickle ({type(error).__name__}: {error})", "a valid pickle") from None
+
+
+def _read_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = npy_format.read_magic(fh)
+        if version == (1, 0):
+            return npy_format.read_array_header_1_0(fh)
+        if version == (2, 0):
+            return npy_format.read_array_header_2_0(fh)
+        return npy_format._read_array_header(fh, version)  # (3, 0): utf-8 header, no public reader
+    except DatasetError:
+        raise
+    except Exception as error:
+        raise DatasetError(path, f"not a readable .npy file ({error})", "numpy's .npy format") from None
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """Load a ``.npy`` file: plain dtypes directly, object arrays through the restricted unpickler.
+
+    Raises:
+        DatasetError: missing file, malformed header or payload, or a pickle that names a refused global.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "missing file", "an existing .npy file")
+    with path.open("rb") as fh:
+        shape, fortran_order, dtype = _read_header(fh, path)
+        if not dtype.hasobject:
+            fh.seek(0)
+            try:
+                return np.load(fh, allow_pickle=False)
+            except Exception as error:
+                raise DatasetError(path, f"cannot read array payload ({error})", f"{shape} {dtype}") from None
+        array = restricted_unpickle(io.BytesIO(fh.read()), path)
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
+        raise DatasetError(path, "pickled payload does not match the .npy header", f"an object array of shape {shape}")
+    return array
+
+
+def load_pt(path: str | Path) -> Tensor:
+    """Load a tensor saved with ``torch.save`` using ``weights_only=True`` (no arbitrary code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "missing file", "an existing .pt file")
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatasetError(path, f"refused or unreadable by torch.load(weights_only=True): {first_line}") from None
+    if not isinstance(value, Tensor):
+        raise DatasetError(path, f"holds a {type(value).__name__}", "a single tensor")
+    return value
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
