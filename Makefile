@@ -13,10 +13,10 @@ bench: install
 	$(PY) run_benchmarks.py
 
 test: install
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 test-all: install
-	$(PY) -m pytest -q -m ""
+	$(VENV)/bin/pytest -q -m ""
 
 lint: install
 	$(VENV)/bin/ruff check .

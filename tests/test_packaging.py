@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,22 +24,23 @@ def test_subpackages_import_from_the_repository_folders():
         assert Path(module.__file__).resolve().parent == REPO / folder
 
 
-def test_import_datasets_never_resolves_into_this_repository():
-    # Run from the repository root, the most likely place for the clash: `import datasets` must not find our folder.
+def test_import_datasets_never_resolves_into_this_repository(tmp_path):
+    # The installed package must not put the repository root on sys.path (an editable install could). Python puts
+    # the current directory first for `python -c` and `python -m`, so this runs from elsewhere, as a user's
+    # script would.
     code = (
-        "import importlib.util, sys;"
-        "spec = importlib.util.find_spec('datasets');"
-        "print(spec.origin if spec else 'none')"
+        "import importlib.util;"
+        "print(*[getattr(importlib.util.find_spec(n), 'origin', None) for n in ('datasets', 'models')], sep='\\n')"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    origin = out.stdout.strip()
-    assert origin == "none" or not Path(origin).resolve().is_relative_to(REPO), origin
-    spec = importlib.util.find_spec("models")
-    assert spec is None or not Path(spec.origin).resolve().is_relative_to(REPO)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    origins = out.stdout.split()
+    assert len(origins) == 2
+    for origin in origins:
+        assert origin in (None, "None") or not Path(origin).resolve().is_relative_to(REPO), origin
 
 
 def test_run_benchmarks_entry_point_takes_repo_root_off_sys_path():
-    code = "import runpy, sys; sys.argv = ['run_benchmarks.py', '--help']; runpy.run_path('run_benchmarks.py')"
+    code = "import runpy, sys; sys.argv = ['run_benchmarks.py', '--help']; runpy.run_path('run_benchmarks.py', run_name='__main__')"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "grcn-bench" in out.stdout

@@ -131,10 +131,14 @@ def test_same_seed_gives_bit_identical_metrics(tmp_path):
     assert other["history"][0]["loss"] != first["history"][0]["loss"]
 
 
-def test_mf_beats_popularity_on_tiny(tmp_path, tiny):
+def test_mf_beats_popularity_on_tiny(tmp_path):
     from grcn_bench.benchmarks.reference import popularity_result
 
-    cell = Cell("mf", "synthetic:tiny", TrainSettings(lr=0.01, reg_weight=1e-4, max_epochs=80, patience=10))
+    # tiny's 60 users and 16 taste clusters leave about 3 users per cluster: too few to learn from. With 4 clusters
+    # the preferences are learnable at this size, and BPR-MF must then beat the popularity ranking.
+    spec = "synthetic:tiny?clusters=4"
+    cell = Cell("mf", spec, TrainSettings(lr=0.01, reg_weight=1e-4, max_epochs=100, patience=20))
     result = run_cell(cell, ResultStore(tmp_path), progress=False)
-    popularity = popularity_result(tiny, "test").mean()["recall@10"]
-    assert result["test_metrics"]["recall@10"] > popularity
+    popularity = popularity_result(load_dataset(spec), "test").mean()["recall@10"]
+    assert result["status"] == "ok"
+    assert result["test_metrics"]["recall@10"] > popularity + 0.05

@@ -1,0 +1,113 @@
+r"""DisenGCN's neighbourhood-routing layer, DisenConv (SPEC §2.3).
+
+Ma, Cui, Kuang, Wu and Zhu, "Disentangled Graph Convolutional Networks", ICML 2019
+(http://proceedings.mlr.press/v97/ma19a.html), Section 3 and Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.nn import MessagePassing
+
+from .content import reset_xavier, xavier_linear
+from .sparse import ChannelPattern, sddmm, spmm
+
+
+class NeighRoutingConv(MessagePassing):
+    r"""DisenConv: each node's representation is split into :math:`K` channels, and neighbourhood routing decides
+    which channel each neighbour's message belongs to (Algorithm 1), over the full neighbourhood (no sampling).
+
+    .. math::
+        \mathbf{z}_{j,k} = \frac{\sigma(\mathbf{W}_k^\top \mathbf{x}_j + \mathbf{b}_k)}
+            {\lVert \sigma(\mathbf{W}_k^\top \mathbf{x}_j + \mathbf{b}_k) \rVert_2}, \qquad
+        \mathbf{c}_{u,k} \leftarrow \mathbf{z}_{u,k}
+
+    then ``iterations`` times, for every neighbour :math:`j \in \mathcal{N}(u)`:
+
+    .. math::
+        p_{j,k} = \frac{\exp(\mathbf{z}_{j,k}^\top \mathbf{c}_{u,k} / \tau)}
+            {\sum_{k'} \exp(\mathbf{z}_{j,k'}^\top \mathbf{c}_{u,k'} / \tau)}, \qquad
+        \mathbf{c}_{u,k} \leftarrow \frac{\mathbf{z}_{u,k} + \sum_{j} p_{j,k} \mathbf{z}_{j,k}}
+            {\lVert \mathbf{z}_{u,k} + \sum_{j} p_{j,k} \mathbf{z}_{j,k} \rVert_2}
+
+    and the output is :math:`\mathbf{y}_u = \mathbf{c}_{u,1} \| \cdots \| \mathbf{c}_{u,K}`. :math:`\sigma` is ReLU,
+    as in the paper's experiments. ``p`` is a softmax over channels, separately for each directed edge (a neighbour
+    splits its unit of influence between the target's channels); a node without neighbours keeps :math:`\mathbf{z}_u`.
+    Zero iterations return :math:`\mathbf{z}_u`. A channel whose ReLU output is all zero stays the zero vector
+    (normalisation uses a small epsilon).
+
+    Args:
+        in_channels: input width.
+        num_channels: :math:`K` (4).
+        channel_dim: width of each channel (16); the output width is ``num_channels * channel_dim``.
+        iterations: routing iterations (3).
+        tau: softmax temperature :math:`\tau` (1).
+
+    Shapes:
+        - **input:** node features ``[N, in]``, ``edge_index [2, E]`` (row 0 source, row 1 target), and optionally
+          ``pattern``, the graph's :func:`~.sparse.graph_pattern` with ``num_channels`` channels: then each routing
+          step runs as one sampled product (the agreements) and one sparse product (the routed sum) per channel
+          (:func:`~.sparse.sddmm`, :func:`~.sparse.spmm`) instead of PyG's ``[E, K, channel_dim]`` gathers, which
+          stay as the reference path (at Tiktok scale, one layer's forward and backward measured 5 s and 1.5 GB
+          peak this way against 15 s and 5 GB, on the shared 2-core machine).
+        - **output:** ``[N, K * channel_dim]`` (and, with ``return_probabilities``, ``p`` of the last iteration
+          ``[E, K]`` in edge order, zeros when ``iterations`` is 0).
+    """
+
+    def __init__(self, in_channels: int, num_channels: int, channel_dim: int, *, iterations: int = 3, tau: float = 1.0):
+        super().__init__(aggr="sum", node_dim=0)  # node features are [N, K, channel_dim]
+        if num_channels < 1 or channel_dim < 1 or iterations < 0 or tau <= 0:
+            raise ValueError(
+                f"need num_channels >= 1, channel_dim >= 1, iterations >= 0, tau > 0; "
+                f"got {num_channels}, {channel_dim}, {iterations}, {tau}"
+            )
+        self.in_channels = in_channels
+        self.num_channels, self.channel_dim = num_channels, channel_dim
+        self.iterations, self.tau = iterations, tau
+        self.lin = xavier_linear(in_channels, num_channels * channel_dim)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        reset_xavier(self.lin)
+
+    def channels(self, x: Tensor) -> Tensor:
+        """``[N, K, channel_dim]``: the per-channel projections, ReLU, each channel L2-normalised."""
+        z = F.relu(self.lin(x)).view(-1, self.num_channels, self.channel_dim)
+        return F.normalize(z, dim=-1)
+
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        *,
+        pattern: ChannelPattern | None = None,
+        return_probabilities: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        z = self.channels(x)
+        c = z
+        p = z.new_zeros(edge_index.size(1), self.num_channels)
+        for _ in range(self.iterations):
+            if pattern is None:  # reference path: PyG gathers [E, K, channel_dim] per step
+                p = self.edge_updater(edge_index, z=z, c=c)
+                routed = self.propagate(edge_index, z=z, p=p)
+            else:  # the same sums as sampled and sparse products over the channels, no [E, K, d] tensor
+                p = torch.softmax(sddmm(pattern, c, z) / self.tau, dim=-1)
+                routed = spmm(pattern, p, z)
+            c = F.normalize(z + routed, dim=-1)
+        out = c.reshape(-1, self.num_channels * self.channel_dim)
+        return (out, p) if return_probabilities else out
+
+    def edge_update(self, z_j: Tensor, c_i: Tensor) -> Tensor:
+        # Agreement of neighbour j's channel k with the target's current centre of channel k; softmax over channels.
+        return torch.softmax((z_j * c_i).sum(-1) / self.tau, dim=-1)
+
+    def message(self, z_j: Tensor, p: Tensor) -> Tensor:
+        return p.unsqueeze(-1) * z_j
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, channels={self.num_channels}x{self.channel_dim}, "
+            f"iterations={self.iterations}, tau={self.tau})"
+        )

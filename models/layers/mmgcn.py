@@ -1,0 +1,87 @@
+r"""MMGCN's per-modality graph-convolution layer: aggregation, then combination (SPEC §2.3).
+
+Wei, Wang, Nie, He, Hong and Chua, "MMGCN: Multi-modal Graph Convolution Network for Personalized Recommendation of
+Micro-video", ACM MM 2019 (https://doi.org/10.1145/3343031.3351034), Section 3 (aggregation and combination layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.nn import MessagePassing
+
+from .content import reset_xavier, xavier_linear
+from .sparse import CSRPattern, spmm
+
+
+def mean_weights(edge_index: Tensor, degree: Tensor) -> Tensor:
+    """``[E]`` weight ``1 / |N(target)|`` of every directed edge: a weighted sum with them is the neighbour mean."""
+    return degree.to(torch.get_default_dtype())[edge_index[1]].reciprocal()
+
+
+class AggregateCombineConv(MessagePassing):
+    r"""One MMGCN layer in one modality: mean aggregation of the neighbours, then concatenation combination.
+
+    .. math::
+        \mathbf{h}_v = \operatorname{LeakyReLU}\Big(\frac{1}{|\mathcal{N}(v)|} \sum_{j \in \mathcal{N}(v)}
+            \mathbf{W}_1 \mathbf{x}_j\Big), \qquad
+        \hat{\mathbf{x}}_v = \operatorname{LeakyReLU}(\mathbf{W}_2 \mathbf{x}_v + \mathbf{b}_2) + \mathbf{e}_v
+
+    .. math::
+        \mathbf{x}'_v = \operatorname{LeakyReLU}\big(\mathbf{W}_3 [\mathbf{h}_v \,\|\, \hat{\mathbf{x}}_v]
+            + \mathbf{b}_3\big)
+
+    :math:`\mathbf{x}_v` is the node's representation in this modality (a user's preference vector or an item's
+    projected features at the first layer), :math:`\mathbf{e}_v` its ID embedding, shared by every modality. The
+    aggregation weight has no bias, so the mean of the transformed neighbours equals the transform of their mean
+    (computed that way); a node without neighbours aggregates the zero vector.
+
+    Args:
+        in_channels: input width of :math:`\mathbf{x}`.
+        out_channels: output width, equal to the ID-embedding width.
+        negative_slope: LeakyReLU slope (0.01, PyTorch's default, as in the MMGCN release).
+
+    Shapes:
+        - **input:** ``x [N, in]``, ``id_embedding [N, out]``, ``edge_index [2, E]`` (row 0 source, row 1 target),
+          and optionally the graph's :func:`~.sparse.graph_pattern` with ``mean_weight [E]``
+          (:func:`mean_weights`): then the mean runs as one CSR product (:func:`~.sparse.spmm`) instead of PyG's
+          gather and scatter-mean, which stays as the reference path.
+        - **output:** ``[N, out]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, negative_slope: float = 0.01):
+        super().__init__(aggr="mean")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.negative_slope = negative_slope
+        self.aggregate_lin = xavier_linear(in_channels, out_channels, bias=False)  # W_1
+        self.self_lin = xavier_linear(in_channels, out_channels)  # W_2
+        self.combine_lin = xavier_linear(2 * out_channels, out_channels)  # W_3
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for lin in (self.aggregate_lin, self.self_lin, self.combine_lin):
+            reset_xavier(lin)
+
+    def forward(
+        self,
+        x: Tensor,
+        id_embedding: Tensor,
+        edge_index: Tensor,
+        *,
+        pattern: CSRPattern | None = None,
+        mean_weight: Tensor | None = None,
+    ) -> Tensor:
+        if (pattern is None) != (mean_weight is None):
+            raise ValueError("AggregateCombineConv: pass both pattern and mean_weight for the sparse path, or neither")
+        mean = self.propagate(edge_index, x=x) if pattern is None else spmm(pattern, mean_weight, x)
+        slope = self.negative_slope
+        h = F.leaky_relu(self.aggregate_lin(mean), slope)
+        x_hat = F.leaky_relu(self.self_lin(x), slope) + id_embedding
+        return F.leaky_relu(self.combine_lin(torch.cat([h, x_hat], dim=-1)), slope)
+
+    def message(self, x_j: Tensor) -> Tensor:
+        return x_j
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels})"
