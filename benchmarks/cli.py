@@ -150,7 +150,7 @@ def _first_line(text: str | None) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from grcn_bench.models import get_model
 
-    from .config import Experiment, ModelEntry, load_experiment
+    from .config import Cell, Experiment, ModelEntry, load_experiment
     from .executors import MissingExtraError, load_plugins, run_grid
     from .store import ResultStore
 
@@ -170,15 +170,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     cells = experiment.cells()
     out = args.out or DEFAULT_RESULTS / experiment.name
     store = ResultStore(out)
+    unique: dict[str, Cell] = {}
+    for cell in cells:  # a cell that two tables need is trained once
+        unique.setdefault(cell.cell_id, cell)
     if args.dry_run:
+        groups: dict[str, list[str]] = {}
         for cell in cells:
-            state = store.status(cell.cell_id) or "pending"
-            print(f"{cell.cell_id}  {state:8s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
-                  f"reg={cell.settings.reg_weight} seed={cell.settings.seed}")
+            groups.setdefault(cell.cell_id, []).append(cell.group)
+        for cell_id, cell in unique.items():
+            state = store.status(cell_id) or "pending"
+            print(f"{cell_id}  {state:8s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
+                  f"reg={cell.settings.reg_weight} seed={cell.settings.seed}  [{','.join(groups[cell_id])}]")
+        print(f"{len(unique)} cells ({len(cells)} requests)", file=sys.stderr)
         return 0
     store.write_json("experiment.json", {"name": experiment.name, "description": experiment.description,
                                          "cells": [c.to_dict() for c in cells], "report": dict(experiment.report)})
-    print(f"{experiment.name}: {len(cells)} cells -> {out}", file=sys.stderr)
+    print(f"{experiment.name}: {len(unique)} cells -> {out}", file=sys.stderr)
     # The t-SNE figure (group fig4) needs the final embeddings of its cells; --keep-embeddings stores all.
     embeddings_for = frozenset(c.cell_id for c in cells if c.group == "fig4" or args.keep_embeddings)
     try:

@@ -2,7 +2,9 @@
 
 ``load_dataset(spec)`` is the one entry point the runner uses. ``spec`` is either ``synthetic:<preset>`` with
 optional ``?key=value&...`` overrides (see :mod:`~grcn_bench.datasets.synthetic`), or a directory whose format is
-detected from its files (``train.npy`` / ``user_item_train_dict.npy``: official; a ``*.inter`` file: MMRec).
+detected from its files (``train.npy`` / ``user_item_train_dict.npy``: official; a ``*.inter`` file: MMRec),
+optionally followed by ``?inject_noise=<rate>[&noise_seed=<int>][&noise_sampler=popularity|uniform]`` to add
+labelled false-positive training edges (SPEC §1.7) for the noise-robustness experiment.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def parse_spec(spec: str) -> DatasetSpec:
     """
     spec = str(spec)
     if not spec.startswith(SYNTHETIC_PREFIX):
-        return DatasetSpec("path", spec)
+        path, _, query = spec.partition("?")
+        if not query or Path(spec).exists():  # a directory whose name holds a '?' is still a directory
+            return DatasetSpec("path", spec)
+        return DatasetSpec("path", path, _path_options(spec, query))
     preset, _, query = spec[len(SYNTHETIC_PREFIX):].partition("?")
     if preset not in PRESETS:
         raise DatasetError(spec, f"unknown synthetic preset {preset!r}", f"one of {', '.join(PRESETS)}")
@@ -78,6 +83,36 @@ def parse_spec(spec: str) -> DatasetSpec:
             raise DatasetError(spec, f"parameter {key!r} given twice", "each parameter once")
         options[key] = coerce_override(key, value, spec)
     return DatasetSpec("synthetic", preset, options)
+
+
+#: Options a directory spec may carry after ``?``: noise injection (SPEC §1.7) for the robustness experiment.
+PATH_OPTIONS: dict[str, type] = {"inject_noise": float, "noise_seed": int, "noise_sampler": str}
+NOISE_SAMPLERS = ("popularity", "uniform")
+
+
+def _path_options(spec: str, query: str) -> dict[str, object]:
+    """Typed options of a directory spec such as ``data/tiktok?inject_noise=0.2&noise_seed=1``."""
+    try:
+        items = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise DatasetError(spec, f"malformed parameters {query!r}", "key=value pairs joined by &") from None
+    options: dict[str, object] = {}
+    for key, value in items:
+        if key not in PATH_OPTIONS:
+            raise DatasetError(spec, f"unknown parameter {key!r} for a directory", f"one of {', '.join(PATH_OPTIONS)}")
+        if key in options:
+            raise DatasetError(spec, f"parameter {key!r} given twice", "each parameter once")
+        try:
+            options[key] = PATH_OPTIONS[key](value)
+        except ValueError:
+            raise DatasetError(spec, f"{key}={value!r} is not a {PATH_OPTIONS[key].__name__}") from None
+    if options.get("noise_sampler", "popularity") not in NOISE_SAMPLERS:
+        raise DatasetError(spec, f"noise_sampler={options['noise_sampler']!r}", f"one of {', '.join(NOISE_SAMPLERS)}")
+    if not 0 <= float(options.get("inject_noise", 0.0)) <= 1:
+        raise DatasetError(spec, f"inject_noise={options['inject_noise']}", "a rate between 0 and 1")
+    if ("noise_seed" in options or "noise_sampler" in options) and "inject_noise" not in options:
+        raise DatasetError(spec, "noise_seed / noise_sampler without inject_noise", "inject_noise=<rate> as well")
+    return options
 
 
 def detect_format(path: str | Path) -> str:
@@ -131,9 +166,14 @@ def load_dataset(
     if format is None:
         format = detect_format(parsed.target)
     if format == "official":
-        return load_official(parsed.target, num_users=num_users, num_items=num_items,
+        dataset = load_official(parsed.target, num_users=num_users, num_items=num_items,
+                                drop_leaking_pairs=drop_leaking_pairs, split_seed=split_seed)
+    elif format == "mmrec":
+        dataset = load_mmrec(parsed.target, num_users=num_users, num_items=num_items,
                              drop_leaking_pairs=drop_leaking_pairs, split_seed=split_seed)
-    if format == "mmrec":
-        return load_mmrec(parsed.target, num_users=num_users, num_items=num_items,
-                          drop_leaking_pairs=drop_leaking_pairs, split_seed=split_seed)
-    raise DatasetError(spec, f"unknown format {format!r}", f"one of {', '.join(FORMATS)}")
+    else:
+        raise DatasetError(spec, f"unknown format {format!r}", f"one of {', '.join(FORMATS)}")
+    if "inject_noise" in parsed.options:
+        dataset = inject_noise(dataset, float(parsed.options["inject_noise"]), int(parsed.options.get("noise_seed", 0)),
+                               sampler=str(parsed.options.get("noise_sampler", "popularity")))
+    return dataset

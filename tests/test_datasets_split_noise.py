@@ -114,3 +114,31 @@ def test_inject_noise_errors(base):
         inject_noise(base, 0.1, seed=0, sampler="adversarial")
     with pytest.raises(ValueError, match="could place only"):
         inject_noise(base, 200.0, seed=0, sampler="uniform")  # more pairs than the free cells
+
+
+def test_directory_spec_injects_labelled_noise(shared_dataset):
+    from grcn_bench.datasets import load_dataset
+
+    path = shared_dataset("tiktok_mmrec")
+    clean = load_dataset(str(path))
+    noisy = load_dataset(f"{path}?inject_noise=0.1&noise_seed=3")
+    added = noisy.train.size(0) - clean.train.size(0)
+    assert added == round(0.1 * clean.train.size(0))
+    assert int(noisy.train_noise.sum()) == added and noisy.card.noise_edges == added
+    assert torch.equal(noisy.val, clean.val) and torch.equal(noisy.test, clean.test)
+    again = load_dataset(f"{path}?inject_noise=0.1&noise_seed=3")
+    assert torch.equal(again.train, noisy.train)
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [("inject_noise=abc", "not a float"), ("inject=0.1", "unknown parameter 'inject'"),
+     ("inject_noise=1.5", "between 0 and 1"), ("noise_seed=2", "without inject_noise"),
+     ("inject_noise=0.1&noise_sampler=mine", "noise_sampler"), ("inject_noise=0.1&inject_noise=0.2", "twice")],
+)
+def test_bad_directory_spec_options_are_named(tmp_path, query, message):
+    from grcn_bench.datasets import DatasetError, load_dataset
+
+    with pytest.raises(DatasetError, match=message) as err:
+        load_dataset(f"{tmp_path}?{query}")
+    assert str(tmp_path) in str(err.value)
