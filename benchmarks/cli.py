@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     describe = sub.add_parser("describe", help="print a dataset's card (counts, density, modalities, checksums)")
     describe.add_argument("dataset", nargs="+", help="synthetic:<preset>[?k=v&...] or a directory")
 
+    from .perf import add_perf_parser
+
+    add_perf_parser(sub)
+
     report = sub.add_parser("report", help="write report.md and report.html for a results directory")
     report.add_argument("results", type=Path, help="results directory written by `run`")
     return parser
@@ -102,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_describe(args.dataset)
         if command == "report":
             return cmd_report(args.results)
+        if command == "perf":
+            from .perf import cmd_perf
+
+            return cmd_perf(args)
     except (KeyError, ValueError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)

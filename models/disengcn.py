@@ -94,10 +94,10 @@ class DisenGCN(Recommender):
 
     def forward(self, graph: InteractionGraph) -> Embeddings:
         x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph)
-        pattern = graph_pattern(graph).with_channels(self.num_channels)
+        pattern = graph_pattern(graph)
         for conv in self.convs:
             x = conv(x, graph.edge_index, pattern=pattern)
-        return Embeddings(x[: self.num_users], x[self.num_users :])
+        return Embeddings(*x.split([self.num_users, self.num_items]))
 
     def extra_repr(self) -> str:
         return (

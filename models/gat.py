@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch_geometric.nn import GATConv
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
 from .base import Embeddings, Recommender, xavier_embedding
 from .layers.content import ItemContentInput, node_inputs
+from .layers.edge_ops import CSRGATConv
 
 
 def with_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -50,6 +50,11 @@ class GAT(Recommender):
       :math:`j \to v`, averaged over heads (one head by default), self-loop coefficients dropped. So over each node's
       incoming training edges the weights sum to one minus that node's self-loop coefficient. Not detached.
     - ``attention_dropout`` (the paper uses 0.6 for citation graphs) is 0 by default, like the other baselines.
+    - Speed: the layers are :class:`~.layers.edge_ops.CSRGATConv`, PyG's ``GATConv`` (same parameters and state
+      dict) called with the graph, which stands for ``with_self_loops(graph.edge_index, N)``: the same operations
+      on the same values, with the softmax over CSR segments and the weighted sums as sparse products instead of
+      ``[E + N, H, C]`` gathers and scatters (at Tiktok scale 2-3x faster per batch and half the peak memory).
+      Attention coefficients are bit for bit PyG's; outputs can differ in float round-off; a test compares both.
 
     Args:
         data: dataset sizes and modality shapes.
@@ -86,9 +91,9 @@ class GAT(Recommender):
         self.content = ItemContentInput(data, embedding_dim) if use_features and data.modalities else None
         options = dict(negative_slope=negative_slope, dropout=attention_dropout, add_self_loops=False)
         self.convs = torch.nn.ModuleList(
-            GATConv(embedding_dim, embedding_dim // heads, heads=heads, concat=True, **options)
+            CSRGATConv(embedding_dim, embedding_dim // heads, heads=heads, concat=True, **options)
             if layer < num_layers - 1
-            else GATConv(embedding_dim, embedding_dim, heads=1, concat=False, **options)
+            else CSRGATConv(embedding_dim, embedding_dim, heads=1, concat=False, **options)
             for layer in range(num_layers)
         )
 
@@ -102,15 +107,15 @@ class GAT(Recommender):
 
     def forward(self, graph: InteractionGraph) -> Embeddings:
         x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph)
-        edge_index = with_self_loops(graph.edge_index, graph.num_nodes)
         edge_weight = None
         for layer, conv in enumerate(self.convs):
+            # The graph stands for its edges plus one self-loop per node (with_self_loops), over CSR (see above).
             if layer < self.num_layers - 1:
-                x = F.elu(conv(x, edge_index))
+                x = F.elu(conv(x, graph))
             else:
-                x, (_, alpha) = conv(x, edge_index, return_attention_weights=True)
-                edge_weight = alpha[: graph.num_edges].mean(dim=-1)
-        return Embeddings(x[: self.num_users], x[self.num_users :], edge_weight)
+                x, alpha = conv(x, graph, return_attention_weights=True)
+                edge_weight = alpha.mean(dim=-1)
+        return Embeddings(*x.split([self.num_users, self.num_items]), edge_weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, features={self.content is not None}, heads={self.heads}"

@@ -19,7 +19,16 @@ from grcn_bench.datasets.base import MODALITIES, DatasetInfo, InteractionGraph
 
 from . import register_model
 from .base import Embeddings, Recommender
-from .layers.refine import Fusion, Pruning, RefinedPropagation, affinities, fuse, prune, route_prototypes
+from .layers.refine import (
+    Fusion,
+    Pruning,
+    RefinedPropagation,
+    affinities,
+    fuse,
+    l2_normalize,
+    prune,
+    route_prototypes,
+)
 from .layers.sparse import ChannelPattern, graph_pattern, user_item_pattern
 
 Variant = Literal["paper", "official"]
@@ -251,7 +260,7 @@ class GRCN(Recommender):
                     raise ValueError(f"the graph has no features for modality {m!r} (it has {sorted(graph.features)})")
                 raw = graph.features[m]
             content = raw if m not in self.projections else F.leaky_relu(self.projections[m](raw))
-            blocks.append(F.normalize(content, dim=-1))
+            blocks.append(l2_normalize(content))
         return torch.stack(blocks, dim=1)
 
     def user_preferences(
@@ -279,7 +288,7 @@ class GRCN(Recommender):
         weight = prune(fuse(scores, self.fusion, confidence), self.pruning)  # [2E], Eqs. 6-7
 
         pattern = graph_pattern(graph)  # views of the graph's CSR tensors
-        x = F.normalize(self.id_embedding, dim=-1)  # e^(0)
+        x = l2_normalize(self.id_embedding)  # e^(0)
         total = x
         for _ in range(self.num_layers):  # Eq. 8, summed over layers as in Eq. 9
             x = self.propagation(x, graph.edge_index, weight, pattern=pattern)
@@ -301,9 +310,11 @@ class GRCN(Recommender):
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
         """Eq. 13's regularised rows: ``E`` for the batch's users, positives and negatives, and each modality's
         initial prototype of the batch's users."""
-        ids = self.id_embedding
         offset = self.num_users
-        return [ids[users], ids[pos + offset], ids[neg + offset], *self.user_prototypes[users].unbind(1)]
+        # One gather per parameter: its backward then fills one zero gradient of the table's size, not three.
+        rows = self.id_embedding.index_select(0, torch.cat([users, pos + offset, neg + offset]))
+        prototypes = self.user_prototypes.index_select(0, users)
+        return [*rows.split([users.numel(), pos.numel(), neg.numel()]), *prototypes.unbind(1)]
 
     def extra_repr(self) -> str:
         options = (

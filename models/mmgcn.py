@@ -140,7 +140,7 @@ class MMGCN(Recommender):
                 x = conv(x, id_embedding, graph.edge_index, pattern=pattern, mean_weight=weight)
             per_modality.append(x)
         out = torch.stack(per_modality).mean(dim=0)
-        return Embeddings(out[: self.num_users], out[self.num_users :])
+        return Embeddings(*out.split([self.num_users, self.num_items]))
 
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
         ego = super().ego_parameters(users, pos, neg)

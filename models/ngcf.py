@@ -98,7 +98,7 @@ class NGCF(Recommender):
             x = F.dropout(x, p=self.message_dropout, training=self.training)
             layers.append(F.normalize(x, dim=-1) if self.normalize_layers else x)
         out = torch.cat(layers, dim=-1)
-        return Embeddings(out[: self.num_users], out[self.num_users :])
+        return Embeddings(*out.split([self.num_users, self.num_items]))
 
     def extra_repr(self) -> str:
         return (

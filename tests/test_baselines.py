@@ -11,17 +11,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_geometric.nn import GATConv, SAGEConv
+from torch_geometric.utils import spmm as pyg_spmm
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph, WordBags
 from grcn_bench.models import get_model
 from grcn_bench.models.disengcn import DisenGCN
-from grcn_bench.models.gat import GAT
+from grcn_bench.models.gat import GAT, with_self_loops
 from grcn_bench.models.graphsage import GraphSAGE
 from grcn_bench.models.layers.content import ItemContentInput, modality_features, node_inputs, sparse_adjacency
 from grcn_bench.models.layers.disen import NeighRoutingConv
+from grcn_bench.models.layers.edge_ops import (
+    CSRGATConv,
+    CSRSAGEConv,
+    EdgeScoreSum,
+    SelfLoopSoftmax,
+    mean_aggregate,
+    stack_pattern,
+)
 from grcn_bench.models.layers.mmgcn import AggregateCombineConv, mean_weights
 from grcn_bench.models.layers.ngcf import BiInteractionConv, symmetric_norm
-from grcn_bench.models.layers.sparse import graph_pattern
+from grcn_bench.models.layers.sparse import CSRPattern, graph_pattern, spmm
 from grcn_bench.models.mmgcn import MMGCN
 from grcn_bench.models.ngcf import NGCF
 
@@ -446,3 +456,177 @@ def test_graphsage_is_mean_aggregation_with_root_weight(data):
     assert torch.equal(model.convs[0].lin_l.bias, torch.zeros(64))  # Xavier weights, zero bias (SPEC §2.1)
     unit = GraphSAGE(info, normalize=True).eval()(graph)
     torch.testing.assert_close(unit.user.norm(dim=-1), torch.ones(U))
+
+
+# ------------------------------------------------------------------------- fast paths against PyG's own forwards
+
+
+def test_mean_aggregate_is_pygs_csr_mean_bit_for_bit(data):
+    _, graph = data
+    x = torch.randn(U + I, 5, dtype=torch.float64)
+    fast = mean_aggregate(graph_pattern(graph), x, graph.degree())
+    assert torch.equal(fast, pyg_spmm(sparse_adjacency(graph).to(torch.float64), x, reduce="mean"))
+    adj = dense_adjacency().double()
+    torch.testing.assert_close(fast, adj @ x / adj.sum(1, keepdim=True).clamp_min(1))  # isolated rows are zero
+    x.requires_grad_(True)
+    torch.autograd.gradcheck(lambda v: mean_aggregate(graph_pattern(graph), v, graph.degree()), (x,))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_csr_sage_conv_with_the_graph_is_sage_conv_on_adj_t(data, normalize):
+    _, graph = data
+    torch.manual_seed(5)
+    conv = CSRSAGEConv(6, 4, aggr="mean", normalize=normalize)
+    torch.nn.init.normal_(conv.lin_l.bias)
+    assert isinstance(conv, SAGEConv) and set(conv.state_dict()) == set(SAGEConv(6, 4).state_dict())
+    x = torch.randn(U + I, 6)
+    x_fast, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fast, reference = conv(x_fast, graph), conv(x_ref, sparse_adjacency(graph))
+    assert torch.equal(fast, reference)
+    upstream = torch.randn_like(fast)
+    (fast * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
+
+
+def test_csr_sage_conv_refuses_settings_it_cannot_compute_from_the_graph(data):
+    _, graph = data
+    x = torch.randn(U + I, 6)
+    for options in (dict(aggr="max"), dict(project=True), dict(root_weight=False)):
+        with pytest.raises(ValueError, match="takes a graph only with aggr='mean'"):
+            CSRSAGEConv(6, 4, **options)(x, graph)
+
+
+def gat_pair(heads: int, concat: bool, dropout: float = 0.0) -> CSRGATConv:
+    torch.manual_seed(6)
+    conv = CSRGATConv(6, 3, heads=heads, concat=concat, add_self_loops=False, dropout=dropout)
+    torch.nn.init.normal_(conv.bias)
+    return conv
+
+
+@pytest.mark.parametrize("heads,concat", [(3, True), (1, False), (2, False)])
+def test_csr_gat_conv_with_the_graph_is_gat_conv_on_edges_plus_self_loops(data, heads, concat):
+    _, graph = data
+    conv = gat_pair(heads, concat)
+    assert isinstance(conv, GATConv) and set(conv.state_dict()) == set(GATConv(6, 3, heads=heads).state_dict())
+    x = torch.randn(U + I, 6)
+    x_fast, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fast, alpha = conv(x_fast, graph, return_attention_weights=True)
+    reference, (edges, ref_alpha) = conv(x_ref, with_self_loops(graph.edge_index, U + I), return_attention_weights=True)
+    assert alpha.shape == (graph.num_edges, heads) and torch.equal(edges[:, : graph.num_edges], graph.edge_index)
+    torch.testing.assert_close(alpha, ref_alpha[: graph.num_edges], rtol=0, atol=1e-7)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(conv(x, graph), fast.detach())  # without return_attention_weights: the output alone
+    upstream = torch.randn_like(fast)
+    grads = []
+    for out, x_in in ((fast, x_fast), (reference, x_ref)):
+        conv.zero_grad()
+        (out * upstream).sum().backward()
+        grads.append([x_in.grad, *(p.grad.clone() for p in conv.parameters())])
+    for fast_grad, ref_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_csr_gat_conv_drops_attention_as_gat_conv_does(data):
+    _, graph = data
+    conv = gat_pair(2, True, dropout=0.5).train()
+    x = torch.randn(U + I, 6)
+    torch.manual_seed(11)
+    fast, alpha = conv(x, graph, return_attention_weights=True)
+    torch.manual_seed(11)
+    reference, (_, ref_alpha) = conv(x, with_self_loops(graph.edge_index, U + I), return_attention_weights=True)
+    torch.testing.assert_close(alpha, ref_alpha[: graph.num_edges], rtol=0, atol=1e-7)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    assert (alpha == 0).any() and (alpha > 0).any()  # the same mask, and it did drop some coefficients
+
+
+def test_csr_gat_conv_refuses_settings_it_cannot_compute_from_the_graph(data):
+    _, graph = data
+    x = torch.randn(U + I, 6)
+    for options in (dict(add_self_loops=True), dict(residual=True), dict(edge_dim=2)):
+        conv = CSRGATConv(6, 3, heads=2, **({"add_self_loops": False} | options))
+        with pytest.raises(ValueError, match="takes a graph only with add_self_loops=False"):
+            conv(x, graph)
+    with pytest.raises(ValueError, match="no edge_attr or size"):
+        CSRGATConv(6, 3, add_self_loops=False)(x, graph, edge_attr=torch.ones(graph.num_edges, 1))
+
+
+def test_self_loop_softmax_is_a_softmax_over_each_row_and_its_self_entry():
+    # Rows: 0 has entries 0-2, 1 has none (only its self entry), 2 has entries 3-4.
+    rowptr = torch.tensor([0, 3, 3, 5])
+    logits = torch.randn(5, 2, dtype=torch.float64)
+    self_logits = torch.randn(3, 2, dtype=torch.float64)
+    p, q = SelfLoopSoftmax.apply(logits, self_logits, rowptr)
+    for row, (start, stop) in enumerate([(0, 3), (3, 3), (3, 5)]):
+        expected = torch.softmax(torch.cat([logits[start:stop], self_logits[row : row + 1]]), dim=0)
+        torch.testing.assert_close(torch.cat([p[start:stop], q[row : row + 1]]), expected)
+    assert torch.equal(q[1], torch.ones(2, dtype=torch.float64))
+    inputs = (logits.requires_grad_(True), self_logits.requires_grad_(True), rowptr)
+    torch.autograd.gradcheck(lambda a, b, r: SelfLoopSoftmax.apply(a, b, r), inputs)
+
+
+def test_edge_score_sum_adds_source_and_target_scores_per_edge(data):
+    _, graph = data
+    source = torch.randn(U + I, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(U + I, 3, dtype=torch.float64, requires_grad=True)
+    out = EdgeScoreSum.apply(source, target, graph)
+    for e, (j, v) in enumerate(graph.edge_index.t().tolist()):
+        torch.testing.assert_close(out[e], source[j] + target[v])
+    torch.autograd.gradcheck(lambda a, b: EdgeScoreSum.apply(a, b, graph), (source, target))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_stack_pattern_runs_each_copy_on_its_own_block(data, symmetric):
+    _, graph = data
+    if symmetric:
+        pattern = graph_pattern(graph)
+    else:  # the [U, I] user <- item pattern, with a transpose of its own
+        pairs = torch.tensor(PAIRS)
+        pattern = CSRPattern.from_coo(pairs[:, 0], pairs[:, 1], U, I)
+    copies, width = 3, 2
+    block = stack_pattern(pattern, copies)
+    assert (block.num_rows, block.num_cols, block.nnz) == (3 * pattern.num_rows, 3 * pattern.num_cols, 3 * pattern.nnz)
+    assert block.rowptr.dtype == block.col.dtype == torch.int32
+    values = torch.randn(copies, pattern.nnz, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(copies, pattern.num_cols, width, dtype=torch.float64, requires_grad=True)
+    stacked = spmm(block, values.reshape(-1), x.reshape(-1, width)).view(copies, pattern.num_rows, width)
+    separate = torch.stack([spmm(pattern, values[m], x[m]) for m in range(copies)])
+    assert torch.equal(stacked, separate)
+    upstream = torch.randn_like(stacked)
+    grads = [torch.autograd.grad((out * upstream).sum(), (values, x)) for out in (stacked, separate)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="copies must be an int >= 1"):
+            stack_pattern(pattern, bad)
+
+
+def test_neighbourhood_routing_takes_the_plain_graph_pattern(data):
+    _, graph = data
+    torch.manual_seed(7)
+    conv = NeighRoutingConv(8, 4, 3, iterations=2, tau=0.5)
+    x = torch.randn(U + I, 8)
+    reference, reference_p = conv(x, graph.edge_index, return_probabilities=True)
+    for pattern in (graph_pattern(graph), graph_pattern(graph).with_channels(4)):
+        out, p = conv(x, graph.edge_index, pattern=pattern, return_probabilities=True)
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(p, reference_p, atol=1e-6, rtol=1e-6)
+
+
+def test_gat_and_graphsage_models_equal_pyg_forwards_on_edge_lists(data):
+    info, graph = data
+    torch.manual_seed(0)
+    gat = GAT(info).eval()
+    emb = gat(graph)
+    x = node_inputs(gat.user_embedding, gat.item_embedding, gat.content, graph)
+    edge_index = with_self_loops(graph.edge_index, U + I)
+    x = F.elu(GATConv.forward(gat.convs[0], x, edge_index))
+    x, (_, alpha) = GATConv.forward(gat.convs[1], x, edge_index, return_attention_weights=True)
+    torch.testing.assert_close(torch.cat([emb.user, emb.item]), x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(emb.edge_weight, alpha[: graph.num_edges, 0], rtol=0, atol=1e-7)
+    sage = GraphSAGE(info).eval()
+    emb = sage(graph)
+    x = node_inputs(sage.user_embedding, sage.item_embedding, sage.content, graph)
+    x = F.leaky_relu(SAGEConv.forward(sage.convs[0], x, sparse_adjacency(graph)), 0.01)
+    x = SAGEConv.forward(sage.convs[1], x, sparse_adjacency(graph))
+    assert torch.equal(torch.cat([emb.user, emb.item]), x)

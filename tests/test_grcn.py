@@ -534,3 +534,42 @@ def test_invalid_setups():
     word_model, _ = word_setup()
     with pytest.raises(ValueError, match="no word_bags"):
         word_model(make_graph(dims={"v": 5}))
+
+
+# ------------------------------------------------------------------------------------ gradients of the fast kernels
+
+
+def reference_forward(model, graph):
+    """The paper's GRCN (default options) from the dense references above, differentiable end to end."""
+    content = reference_content(model, graph)
+    adjacency = dense_adjacency(PAIRS, U, I)
+    protos = [
+        reference_route(content[m], model.user_prototypes[:, m], adjacency, model.routing_iterations)
+        for m in range(len(model.modalities))
+    ]
+    scores = torch.stack([per_edge(graph, *reference_affinity(protos[m], content[m], adjacency)) for m in range(2)], 1)
+    weight = (model.base_vectors[graph.edge_index[1]] * scores).amax(1)  # Eq. 7, the receiver's base vector
+    matrix = dense_weights(graph, weight)
+    e0 = F.normalize(model.id_embedding, dim=-1)
+    total = e0 + matrix @ e0 + matrix @ (matrix @ e0)
+    user = torch.cat([total[:U], *protos], dim=1)
+    item = torch.cat([total[U:], *content], dim=1)
+    return user, item, weight
+
+
+def test_gradients_through_the_sparse_kernels_equal_the_dense_reference():
+    graph = make_graph()
+    model = make_model(routing_iterations=2)
+    gen = torch.Generator().manual_seed(7)
+    emb = model(graph)
+    expected = reference_forward(model, graph)
+    torch.testing.assert_close(emb.user, expected[0])
+    torch.testing.assert_close(emb.item, expected[1])
+    torch.testing.assert_close(emb.edge_weight, expected[2])
+    upstream = [torch.randn(t.shape, generator=gen) for t in expected]
+    parameters = [p for _, p in model.named_parameters()]
+    fast = torch.autograd.grad([(t * g).sum() for t, g in zip(emb, upstream, strict=True)], parameters)
+    slow = torch.autograd.grad([(t * g).sum() for t, g in zip(expected, upstream, strict=True)], parameters)
+    for (name, _), got, want in zip(model.named_parameters(), fast, slow, strict=True):
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")

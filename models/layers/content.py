@@ -108,21 +108,37 @@ class ItemContentInput(torch.nn.Module):
         if self.word_embedding is not None:
             torch.nn.init.xavier_uniform_(self.word_embedding)
 
-    def concatenated(self, graph: InteractionGraph) -> Tensor:
-        """``[I, sum D_m]``: the modality inputs side by side (each normalised when asked), checked against the sizes
-        given at construction."""
-        parts = []
+    def modality_inputs(self, graph: InteractionGraph) -> list[Tensor]:
+        """The raw ``[I, D_m]`` input of every modality, checked against the sizes given at construction."""
+        inputs = []
         for m, width in zip(self.modalities, self.widths, strict=True):
             x = modality_features(graph, m, self.word_embedding)
             if x.size(1) != width or x.size(0) != self.num_items:
                 raise ValueError(
                     f"modality {m!r} input has shape {tuple(x.shape)}, expected [{self.num_items}, {width}]"
                 )
-            parts.append(F.normalize(x, dim=-1) if self.normalize else x)
-        return torch.cat(parts, dim=1)
+            inputs.append(x)
+        return inputs
+
+    def concatenated(self, graph: InteractionGraph) -> Tensor:
+        """``[I, sum D_m]``: the modality inputs side by side (each normalised when asked): what the projection
+        reads."""
+        parts = self.modality_inputs(graph)
+        return torch.cat([F.normalize(x, dim=-1) if self.normalize else x for x in parts], dim=1)
 
     def forward(self, graph: InteractionGraph) -> Tensor:
-        return self.projection(self.concatenated(graph))
+        # W [x_v/|x_v| ‖ x_a/|x_a| ‖ ...] + b, summed block by block as sum_m (W_m x_m) / |x_m| + b: the same value
+        # up to round-off, without materialising normalised copies and their [I, sum D_m] concatenation (at Tiktok
+        # scale 117 MB written twice per forward) and with the weight gradient read from the raw features.
+        weight, offset = self.projection.weight, 0
+        out = self.projection.bias
+        for x, width in zip(self.modality_inputs(graph), self.widths, strict=True):
+            part = F.linear(x, weight[:, offset : offset + width])
+            offset += width
+            if self.normalize:  # F.normalize's denominator: the row norm, at least 1e-12
+                part = part / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+            out = out + part
+        return out
 
     def extra_repr(self) -> str:
         widths = ", ".join(f"{m}={w}" for m, w in zip(self.modalities, self.widths, strict=True))

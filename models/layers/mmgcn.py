@@ -76,9 +76,16 @@ class AggregateCombineConv(MessagePassing):
             raise ValueError("AggregateCombineConv: pass both pattern and mean_weight for the sparse path, or neither")
         mean = self.propagate(edge_index, x=x) if pattern is None else spmm(pattern, mean_weight, x)
         slope = self.negative_slope
-        h = F.leaky_relu(self.aggregate_lin(mean), slope)
-        x_hat = F.leaky_relu(self.self_lin(x), slope) + id_embedding
-        return F.leaky_relu(self.combine_lin(torch.cat([h, x_hat], dim=-1)), slope)
+        # In-place activations act on fresh products whose backward does not read them: the same values, one
+        # [N, out] allocation fewer each.
+        h = F.leaky_relu(self.aggregate_lin(mean), slope, inplace=True)
+        x_hat = F.leaky_relu(self.self_lin(x), slope, inplace=True) + id_embedding
+        # W_3 [h ‖ x_hat] + b_3 as W_3[:, :out] h + W_3[:, out:] x_hat + b_3: no [N, 2 out] concatenation to write
+        # and to slice the gradient of (equal up to round-off).
+        weight = self.combine_lin.weight
+        out = torch.addmm(F.linear(h, weight[:, : self.out_channels], self.combine_lin.bias), x_hat,
+                          weight[:, self.out_channels :].t())
+        return F.leaky_relu(out, slope, inplace=True)
 
     def message(self, x_j: Tensor) -> Tensor:
         return x_j

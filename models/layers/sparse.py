@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CSRPattern", "ChannelPattern", "graph_pattern", "sddmm", "spmm", "user_item_pattern"]
+__all__ = ["CSRPattern", "ChannelPattern", "graph_pattern", "sddmm", "segment_softmax", "spmm", "user_item_pattern"]
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,15 @@ class CSRPattern:
 
     @classmethod
     def from_coo(cls, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> CSRPattern:
-        """A pattern from entries sorted by row (any order inside a row); the transpose is sorted here, once."""
+        """A pattern from distinct entries sorted by row, then column (torch's CSR invariant); the transpose is
+        sorted here, once."""
         row, col = row.long(), col.long()
-        if row.numel() and bool((row[1:] < row[:-1]).any()):
-            raise ValueError("entries must be sorted by row (CSR order)")
         if row.numel() and (int(row.min()) < 0 or int(row.max()) >= num_rows or int(col.min()) < 0
                             or int(col.max()) >= num_cols):
             raise ValueError(f"entries must lie inside the [{num_rows}, {num_cols}] matrix")
+        key = row * max(1, num_cols) + col
+        if key.numel() and bool((key[1:] <= key[:-1]).any()):
+            raise ValueError("entries must be distinct and sorted by row, then column (CSR order)")
         order = torch.argsort(col * max(1, num_rows) + row, stable=True)
         nnz = col.numel()
         return cls(
@@ -145,12 +147,14 @@ class ChannelPattern:
     def build(cls, base: CSRPattern, channels: int) -> ChannelPattern:
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be an int >= 1, got {channels!r}")
-        rowptr, col, position = _expand(base.rowptr, base.col, channels)
-        t_rowptr, t_col, t_position = _expand(base.t_rowptr, base.t_col, channels)
-        # Transpose entry (j, m) holds forward entry (t_perm[j], m); both sides in block CSR order.
-        t_perm = torch.empty_like(t_position)
-        t_perm[t_position] = position.view(-1, channels).index_select(0, base.t_perm).flatten()
-        rows, cols, nnz = base.num_rows * channels, base.num_cols * channels, position.numel()
+        rowptr, col, entry, channel = _expand(base.rowptr, base.col, channels)
+        order = entry * channels + channel
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)
+        t_rowptr, t_col, t_entry, t_channel = _expand(base.t_rowptr, base.t_col, channels)
+        # Block transpose entry (j, m) holds forward entry (t_perm[j], m), wherever the block put that one.
+        t_perm = position.index_select(0, base.t_perm.index_select(0, t_entry) * channels + t_channel)
+        rows, cols, nnz = base.num_rows * channels, base.num_cols * channels, order.numel()
         block = CSRPattern(
             rowptr=_compact(rowptr, nnz),
             col=_compact(col, cols),
@@ -160,28 +164,26 @@ class ChannelPattern:
             num_rows=rows,
             num_cols=cols,
         )
-        order = torch.empty_like(position)
-        order[position] = torch.arange(position.numel(), device=position.device)
         return cls(base, channels, block, order, position)
 
 
-def _expand(rowptr: Tensor, col: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Block CSR ``(rowptr, col)`` of ``channels`` copies of a pattern, and the block position of every entry
-    ``(k, m)`` in flat order ``k*M+m`` (all int64)."""
+def _expand(rowptr: Tensor, col: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block CSR ``(rowptr, col)`` of ``channels`` copies of a pattern, and for every block entry, in block order, the
+    base entry ``k`` and channel ``m`` it copies (all int64). Gathers only: this runs at every forward."""
     rowptr, col = rowptr.long(), col.long()
-    degree = rowptr[1:] - rowptr[:-1]
-    nnz = col.numel()
-    arange_m = torch.arange(channels, device=col.device)
-    # Block row (r, m) starts after channels 0..m-1 of row r, which follow every channel of the rows before r.
-    starts = (rowptr[:-1].unsqueeze(1) * channels + arange_m * degree.unsqueeze(1)).flatten()
-    block_rowptr = torch.cat([starts, starts.new_full((1,), nnz * channels)])
-    row = torch.repeat_interleave(torch.arange(degree.numel(), device=col.device), degree, output_size=nnz)
-    entry = torch.arange(nnz, device=col.device)
-    # Entry k of row r, channel m: the block row's start plus k's offset inside row r.
-    position = ((entry + (channels - 1) * rowptr[row]).unsqueeze(1) + arange_m * degree[row].unsqueeze(1)).flatten()
-    block_col = torch.empty_like(position)
-    block_col[position] = (col.unsqueeze(1) * channels + arange_m).flatten()
-    return block_rowptr, block_col, position
+    device, nnz = col.device, col.numel()
+    # Block row r*M+m holds row r's entries again: its degree is row r's.
+    block_degree = (rowptr[1:] - rowptr[:-1]).repeat_interleave(channels)
+    block_rowptr = torch.zeros(block_degree.numel() + 1, dtype=torch.long, device=device)
+    torch.cumsum(block_degree, 0, out=block_rowptr[1:])
+    block_row = torch.repeat_interleave(
+        torch.arange(block_degree.numel(), device=device), block_degree, output_size=nnz * channels
+    )
+    offset = torch.arange(nnz * channels, device=device) - block_rowptr.index_select(0, block_row)
+    row = torch.div(block_row, channels, rounding_mode="floor")
+    channel = block_row - row * channels
+    entry = rowptr.index_select(0, row) + offset
+    return block_rowptr, col.index_select(0, entry) * channels + channel, entry, channel
 
 
 def _compact(index: Tensor, bound: int) -> Tensor:
@@ -237,10 +239,25 @@ def _csr(rowptr: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> 
 
 def _spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: int) -> Tensor:
     """``[R, d]``: one CSR sparse-dense product, written straight into its output (``torch.sparse.mm`` adds a zero
-    fill and a full copy of the result)."""
-    out = x.new_zeros(num_rows, x.size(1))
+    fill and a full copy of the result). MKL's product never reads the output when ``beta=0`` (a test checks it), so
+    on that path the output needs no zero fill."""
+    if _mkl_product(x, rowptr):
+        out = x.new_empty(num_rows, x.size(1))
+    else:
+        out = x.new_zeros(num_rows, x.size(1))
     matrix = _csr(rowptr, col, values.contiguous(), (num_rows, x.size(0)))
     return torch.addmm(out, matrix, x.contiguous(), beta=0.0, out=out)
+
+
+def _mkl_product(x: Tensor, rowptr: Tensor) -> bool:
+    """Whether torch runs a CSR product with MKL (CPU, float32/64, int32 indices), which ignores the output's values
+    when ``beta=0``."""
+    return (
+        x.device.type == "cpu"
+        and torch.backends.mkl.is_available()
+        and x.dtype in (torch.float32, torch.float64)
+        and rowptr.dtype == torch.int32
+    )
 
 
 def _sddmm_raw(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -296,7 +313,45 @@ class _SDDMM(torch.autograd.Function):
         return None, grad_a, grad_b
 
 
+class _SegmentSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src: Tensor, ptr: Tensor) -> Tensor:
+        # The same operations as torch_geometric.utils.softmax(src, ptr=ptr), so the values are bit for bit PyG's.
+        count = ptr[1:] - ptr[:-1]
+        size = src.size(0)
+        src_max = torch.segment_reduce(src, "max", offsets=ptr, axis=0)
+        src_max = torch.where(src_max.isinf(), 0, src_max)  # empty segments; they have no entry to shift
+        out = (src - src_max.repeat_interleave(count, dim=0, output_size=size)).exp_()
+        out_sum = torch.segment_reduce(out, "sum", offsets=ptr, axis=0) + 1e-16
+        out.div_(out_sum.repeat_interleave(count, dim=0, output_size=size))
+        ctx.save_for_backward(out, ptr, count)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        out, ptr, count = ctx.saved_tensors
+        # d softmax: p * (g - sum_segment(p * g)), one pass instead of autograd's trip through every forward step.
+        dot = torch.segment_reduce(out * grad, "sum", offsets=ptr, axis=0)
+        return (grad - dot.repeat_interleave(count, dim=0, output_size=out.size(0))).mul_(out), None
+
+
 # --------------------------------------------------------------------------------------------------------- public
+
+
+def segment_softmax(src: Tensor, ptr: Tensor) -> Tensor:
+    r"""Softmax over the contiguous segments ``ptr[s]..ptr[s+1]`` of dimension 0 (each CSR row's entries):
+    :math:`p_k = \exp(z_k - \max_s z) / (\sum_{k' \in s} \exp(z_{k'} - \max_s z) + 10^{-16})`.
+
+    The values are those of ``torch_geometric.utils.softmax(src, ptr=ptr)``; the backward is one fused pass
+    :math:`\partial z_k = p_k (\partial p_k - \sum_{k' \in s} p_{k'} \partial p_{k'})` (the :math:`10^{-16}` that
+    guards empty sums is left out of the derivative). ``src`` is ``[n]`` or ``[n, M]`` (one softmax per column).
+    """
+    ptr = ptr.long()
+    if ptr.dim() != 1 or ptr.numel() < 1 or int(ptr[-1]) != src.size(0) or int(ptr[0]) != 0:
+        raise ValueError(f"segment_softmax: ptr must run from 0 to {src.size(0)}, got {ptr.numel()} entries")
+    return _SegmentSoftmax.apply(src, ptr)
+
 
 
 def spmm(pattern: CSRPattern | ChannelPattern, values: Tensor, x: Tensor) -> Tensor:
