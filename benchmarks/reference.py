@@ -23,7 +23,8 @@ class PopularityRanking(Recommender):
 
     def forward(self, graph: InteractionGraph) -> Embeddings:
         item_degree = graph.degree()[graph.num_users :].to(torch.float64)
-        tie_break = torch.arange(graph.num_items, dtype=torch.float64, device=item_degree.device) / (graph.num_items + 1)
+        item_ids = torch.arange(graph.num_items, dtype=torch.float64, device=item_degree.device)
+        tie_break = item_ids / (graph.num_items + 1)
         return Embeddings(item_degree.new_ones(graph.num_users, 1), (item_degree - tie_break).unsqueeze(1))
 
 

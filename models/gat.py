@@ -54,7 +54,7 @@ class GAT(Recommender):
       dict) called with the graph, which stands for ``with_self_loops(graph.edge_index, N)``: the same operations
       on the same values, with the softmax over CSR segments and the weighted sums as sparse products instead of
       ``[E + N, H, C]`` gathers and scatters (at Tiktok scale 2-3x faster per batch and half the peak memory).
-      Attention coefficients are bit for bit PyG's; outputs can differ in float round-off; a test compares both.
+      Values can differ from PyG's forward in float round-off only; a test compares both.
 
     Args:
         data: dataset sizes and modality shapes.

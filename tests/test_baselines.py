@@ -26,6 +26,8 @@ from grcn_bench.models.layers.edge_ops import (
     CSRSAGEConv,
     EdgeScoreSum,
     SelfLoopSoftmax,
+    attention_matrix,
+    l2_normalize,
     mean_aggregate,
     stack_pattern,
 )
@@ -630,3 +632,31 @@ def test_gat_and_graphsage_models_equal_pyg_forwards_on_edge_lists(data):
     x = F.leaky_relu(SAGEConv.forward(sage.convs[0], x, sparse_adjacency(graph)), 0.01)
     x = SAGEConv.forward(sage.convs[1], x, sparse_adjacency(graph))
     assert torch.equal(torch.cat([emb.user, emb.item]), x)
+
+
+def test_l2_normalize_is_f_normalize_with_the_same_gradient():
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    x[1, 2] = 0.0  # a zero vector stays zero; its gradient is g / eps, as autograd's through F.normalize
+    x[4, 0] = 1e-13  # a norm below eps: clamped
+    x_ref, x_fast = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    reference, fast = F.normalize(x_ref, dim=-1), l2_normalize(x_fast)
+    torch.testing.assert_close(fast, reference)
+    assert torch.equal(fast[1, 2], torch.zeros(5, dtype=torch.float64))
+    upstream = torch.randn_like(x)
+    (reference * upstream).sum().backward()
+    (fast * upstream).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
+    smooth = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(l2_normalize, (smooth,))
+
+
+def test_attention_matrix_gives_every_heads_source_and_target_scores():
+    heads, channels = 3, 4
+    att_src, att_dst = torch.randn(1, heads, channels), torch.randn(1, heads, channels)
+    matrix = attention_matrix(att_src, att_dst)
+    assert matrix.shape == (heads * channels, 2 * heads)
+    h = torch.randn(7, heads, channels)
+    scores = h.view(7, -1) @ matrix
+    torch.testing.assert_close(scores[:, :heads], (h * att_src).sum(-1))
+    torch.testing.assert_close(scores[:, heads:], (h * att_dst).sum(-1))
+    assert (matrix[:channels, 1:heads] == 0).all() and (matrix[channels:, 0] == 0).all()  # block-diagonal

@@ -16,6 +16,7 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph, WordBags
 from grcn_bench.models import get_model
 from grcn_bench.models.grcn import GRCN
 from grcn_bench.models.layers.refine import RefinedPropagation, affinities, fuse, prune, route_prototypes
+from grcn_bench.models.layers.sparse import user_item_pattern
 
 U, I, D = 3, 4, 8
 PAIRS = torch.tensor([[0, 0], [0, 1], [0, 3], [1, 1], [1, 2], [2, 0], [2, 2], [2, 3]])
@@ -131,6 +132,9 @@ def test_route_prototypes_zero_iterations_and_error():
     torch.testing.assert_close(route_prototypes(torch.randn(I, 2, D), init, graph, 0), F.normalize(init, dim=-1))
     with pytest.raises(ValueError, match="iterations must be >= 0"):
         route_prototypes(torch.randn(I, 2, D), init, graph, -1)
+    three_channels = user_item_pattern(graph).with_channels(3)
+    with pytest.raises(ValueError, match="the pattern has 3 channels, the content 2 modalities"):
+        route_prototypes(torch.randn(I, 2, D), init, graph, 1, pattern=three_channels)
 
 
 @pytest.mark.parametrize("iterations", [0, 1, 2])

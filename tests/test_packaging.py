@@ -40,7 +40,10 @@ def test_import_datasets_never_resolves_into_this_repository(tmp_path):
 
 
 def test_run_benchmarks_entry_point_takes_repo_root_off_sys_path():
-    code = "import runpy, sys; sys.argv = ['run_benchmarks.py', '--help']; runpy.run_path('run_benchmarks.py', run_name='__main__')"
+    code = (
+        "import runpy, sys; sys.argv = ['run_benchmarks.py', '--help'];"
+        "runpy.run_path('run_benchmarks.py', run_name='__main__')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "grcn-bench" in out.stdout

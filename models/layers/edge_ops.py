@@ -168,6 +168,15 @@ class EdgeScoreSum(torch.autograd.Function):
         return grad_source, grad_target, None
 
 
+def attention_matrix(att_src: Tensor, att_dst: Tensor) -> Tensor:
+    """``[H*C, 2H]``: column ``k`` holds head ``k``'s source attention vector in rows ``k*C .. k*C+C-1``, column
+    ``H+k`` its target attention vector, zeros elsewhere (``att_*`` are GATConv's ``[1, H, C]`` parameters)."""
+    _, heads, channels = att_src.shape
+    eye = torch.eye(heads, dtype=att_src.dtype, device=att_src.device).view(heads, 1, heads)
+    blocks = [(att.view(heads, channels, 1) * eye).reshape(heads * channels, heads) for att in (att_src, att_dst)]
+    return torch.cat(blocks, dim=1)
+
+
 class CSRGATConv(GATConv):
     r""":class:`~torch_geometric.nn.GATConv` that also takes an :class:`InteractionGraph` as its ``edge_index``,
     meaning the graph's edges followed by one self-loop per node (:func:`~grcn_bench.models.gat.with_self_loops`).
@@ -178,14 +187,14 @@ class CSRGATConv(GATConv):
             \mathbf{x}_v\big)\Big), \qquad
         \mathbf{h}^h_v = \sum_{j \in \mathcal{N}(v) \cup \{v\}} \alpha^{h}_{vj} \mathbf{W}^h \mathbf{x}_j
 
-    then the heads concatenated (or averaged) plus the bias, as PyG does. Given the graph, the operations are
-    PyG's on the same values, but the softmax runs over CSR segments with the self-loop apart
-    (:class:`SelfLoopSoftmax`) and the weighted sum as a sparse product plus the self term (the heads as one
-    block-diagonal product, :func:`stack_pattern`) where PyG gathers and scatters ``[E + N, H, C]`` messages.
-    The attention coefficients come out bit for bit; the output can differ in float round-off only (the weighted
-    sum's order). With the graph, the layer must have ``add_self_loops=False`` (the self-loops are the graph
-    input's), one shared input projection, no edge features and no residual (``ValueError`` otherwise); any other
-    input is PyG's own forward.
+    then the heads concatenated (or averaged) plus the bias, as PyG does. Given the graph, the node scores of all
+    heads are one product with :func:`attention_matrix`, the softmax runs over CSR segments with the self-loop apart
+    (:class:`SelfLoopSoftmax`) and the weighted sum is a sparse product plus the self term (the heads as one
+    block-diagonal product, :func:`stack_pattern`), where PyG gathers and scatters ``[E + N, H, C]`` messages.
+    Values can differ in float round-off only (the order of the terms of the attention logits and of the weighted
+    sums). With the graph, the layer must have ``add_self_loops=False`` (the self-loops are the graph input's), one
+    shared input projection, no edge features and no residual (``ValueError`` otherwise); any other input is PyG's
+    own forward.
 
     Shapes:
         - **input:** ``x [N, in]``, ``edge_index``: an :class:`InteractionGraph` or anything ``GATConv`` takes.
@@ -208,8 +217,11 @@ class CSRGATConv(GATConv):
     def _attend(self, x: Tensor, graph: InteractionGraph) -> tuple[Tensor, Tensor]:
         heads, channels, num_nodes = self.heads, self.out_channels, graph.num_nodes
         h = self.lin(x).view(-1, heads, channels)
-        score_src = (h * self.att_src).sum(dim=-1)  # [N, H]
-        score_dst = (h * self.att_dst).sum(dim=-1)
+        # a_src . W^h x and a_dst . W^h x of every node and head as one [N, H*C] x [H*C, 2H] product with a
+        # block-diagonal matrix of the attention vectors (PyG multiplies and sums [N, H, C] twice; same values up to
+        # round-off, a fraction of the passes forward and backward).
+        scores = h.view(num_nodes, heads * channels) @ attention_matrix(self.att_src, self.att_dst)
+        score_src, score_dst = scores[:, :heads], scores[:, heads:]
         logits = EdgeScoreSum.apply(score_src, score_dst, graph)  # alpha_j + alpha_i per edge, PyG's order (Eq. 1)
         self_logits = score_src + score_dst
         logits = F.leaky_relu(logits, self.negative_slope)
