@@ -237,10 +237,12 @@ class CSRGATConv(GATConv):
             h_heads = h.transpose(0, 1).contiguous().view(-1, channels)  # [H*N, C]
             out = spmm(stack_pattern(pattern, heads), alpha.t().contiguous().view(-1), h_heads)
             out = out.view(heads, num_nodes, channels).transpose(0, 1)
-        out = out + self_alpha.unsqueeze(-1) * h  # the self-loop's message, last as in PyG's edge order
+        # The self-loop's message, last as in PyG's edge order; in place on the fresh product (its backward does
+        # not read it), as is the bias below on the fresh reshaped (or averaged) output.
+        out = out.addcmul_(self_alpha.unsqueeze(-1), h)
         out = out.reshape(num_nodes, heads * channels) if self.concat else out.mean(dim=1)
         if self.bias is not None:
-            out = out + self.bias
+            out = out.add_(self.bias)
         return out, alpha
 
 

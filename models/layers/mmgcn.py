@@ -80,11 +80,11 @@ class AggregateCombineConv(MessagePassing):
         # [N, out] allocation fewer each.
         h = F.leaky_relu(self.aggregate_lin(mean), slope, inplace=True)
         x_hat = F.leaky_relu(self.self_lin(x), slope, inplace=True) + id_embedding
-        # W_3 [h ‖ x_hat] + b_3 as W_3[:, :out] h + W_3[:, out:] x_hat + b_3: no [N, 2 out] concatenation to write
-        # and to slice the gradient of (equal up to round-off).
+        # W_3 [h ‖ x_hat] + b_3 as W_3[:, :out] h + b_3, then W_3[:, out:] x_hat accumulated into it: no [N, 2 out]
+        # concatenation to write and to slice the gradient of (equal up to round-off).
         weight = self.combine_lin.weight
-        out = torch.addmm(F.linear(h, weight[:, : self.out_channels], self.combine_lin.bias), x_hat,
-                          weight[:, self.out_channels :].t())
+        out = F.linear(h, weight[:, : self.out_channels], self.combine_lin.bias)
+        out = out.addmm_(x_hat, weight[:, self.out_channels :].t())
         return F.leaky_relu(out, slope, inplace=True)
 
     def message(self, x_j: Tensor) -> Tensor:

@@ -70,9 +70,9 @@ class BiInteractionConv(MessagePassing):
     def forward(self, x: Tensor, edge_index: Tensor, norm: Tensor, *, pattern: CSRPattern | None = None) -> Tensor:
         # s_u = sum_i norm_ui e_i
         side = self.propagate(edge_index, x=x, norm=norm) if pattern is None else spmm(pattern, norm, x)
-        # W1 (x + s) + W2 (s ⊙ x), the second product accumulated into the first (no separate sum to write); the
-        # activation in place on that fresh product, whose backward does not read it.
-        out = torch.addmm(self.lin1(x + side), side * x, self.lin2.weight.t())
+        # W1 (x + s) + W2 (s ⊙ x), the second product accumulated in place into the first (no separate sum to
+        # write), the activation in place too: both act on fresh products whose backward does not read them.
+        out = self.lin1(x + side).addmm_(side * x, self.lin2.weight.t())
         return F.leaky_relu(out, self.negative_slope, inplace=True)
 
     def message(self, x_j: Tensor, norm: Tensor) -> Tensor:
