@@ -53,9 +53,9 @@ class NeighRoutingConv(MessagePassing):
           and one sparse product (the routed sums) over the channel-major block pattern of
           :func:`~.edge_ops.stack_pattern` (:func:`~.sparse.sddmm`, :func:`~.sparse.spmm`), instead of PyG's
           ``[E, K, channel_dim]`` gathers, which stay as the reference path. At Tiktok scale one training batch of
-          the 2-layer model took 10.3 CPU-seconds (one thread) with a node-major channel pattern rebuilt at every
-          forward and a softmax over the last dimension of ``[E, K]``, 6.9 this way; about half of it is the 36
-          sparse products (forward and backward) that the routing needs.
+          the 2-layer model measured about 5.5 s on 2 cores with a node-major channel pattern rebuilt at every
+          forward and a softmax over the last dimension of ``[E, K]``, about 3.5 s this way; about half of it is
+          the 36 sparse products (forward and backward) that the routing needs.
         - **output:** ``[N, K * channel_dim]`` (and, with ``return_probabilities``, ``p`` of the last iteration
           ``[E, K]`` in edge order, zeros when ``iterations`` is 0).
     """
