@@ -87,8 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_GLOBAL_FLAGS = ("-h", "--help", "-v", "--verbose")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in _GLOBAL_FLAGS:
+        argv = ["run", *argv]  # `run_benchmarks.py --out DIR` means `run --out DIR` (no arguments means `run`)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -96,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("grcn_bench").setLevel(logging.DEBUG)
     command = args.command or "run"
     if args.command is None:
-        args = build_parser().parse_args(["run", *(argv or [])])
+        args = build_parser().parse_args([*argv, "run"])
     try:
         if command == "run":
             return cmd_run(args)

@@ -148,19 +148,32 @@ def edge_weight_auc(graph, edge_weight: torch.Tensor, noise: torch.Tensor) -> di
     """ROC-AUC of learned edge weights at telling labelled false-positive train pairs from the rest (SPEC §5.6).
 
     A lower weight should mean "more likely noise", so the score of a pair is its negated weight; reported for the
-    weight the user puts on the item (``user_side``), the item on the user (``item_side``) and their mean.
+    weight the user puts on the item (``user_side``), the item on the user (``item_side``) and their sum (``mean``).
+
+    Softmax-normalised weights (GRCN's Eq. 5, GAT's attention) also carry a ``1/degree`` scale that differs from one
+    neighbourhood to the next, and a global AUC then mostly ranks neighbourhood sizes. The ``*_relative`` keys
+    score each weight relative to a uniform weight over its receiver's neighbourhood (weight x in-degree of the
+    receiver): the same order inside every neighbourhood, without the size; ``relative`` sums both sides.
+
+    Returns ``None`` when the labels are all one class (no AUC exists).
     """
     from sklearn.metrics import roc_auc_score
 
     labels = noise.cpu().numpy().astype(bool)
     if labels.all() or not labels.any():
         return None
-    user_side, item_side = (w.detach().float().cpu().numpy() for w in graph.pair_weights(edge_weight))
-    return {
-        "user_side": float(roc_auc_score(labels, -user_side)),
-        "item_side": float(roc_auc_score(labels, -item_side)),
-        "mean": float(roc_auc_score(labels, -(user_side + item_side))),
+    receiver_degree = graph.degree().to(edge_weight.dtype).index_select(0, graph.edge_index[1])
+    sides = {
+        "": graph.pair_weights(edge_weight.detach()),
+        "_relative": graph.pair_weights(edge_weight.detach() * receiver_degree),
     }
+    out = {}
+    for suffix, (user_side, item_side) in sides.items():
+        user_side, item_side = user_side.double().cpu().numpy(), item_side.double().cpu().numpy()
+        out[f"user_side{suffix}"] = float(roc_auc_score(labels, -user_side))
+        out[f"item_side{suffix}"] = float(roc_auc_score(labels, -item_side))
+        out["mean" if not suffix else "relative"] = float(roc_auc_score(labels, -(user_side + item_side)))
+    return out
 
 
 def run_cells(cells: Iterable[Cell], store: ResultStore, **options: Any) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from .layers.refine import (
     prune,
     route_prototypes,
 )
-from .layers.sparse import ChannelPattern, graph_pattern, user_item_pattern
+from .layers.sparse import ChannelPattern, channel_pattern, graph_pattern
 
 Variant = Literal["paper", "official"]
 Routing = Literal["paper", "official"]
@@ -276,8 +276,9 @@ class GRCN(Recommender):
                 f"graph has {graph.num_users} users x {graph.num_items} items, the model was built for "
                 f"{self.num_users} x {self.num_items}"
             )
-        # Index structures of the sparse products, built from the graph's own CSR tensors at every call (no cache).
-        user_items = user_item_pattern(graph).with_channels(len(self.modalities))
+        # Index structures of the sparse products: views of the graph's CSR tensors, and block patterns built once
+        # per graph (kept on the graph, which never changes; the model holds no state between calls).
+        user_items = channel_pattern(graph, "user_item", len(self.modalities))
         content = self.item_content(graph)  # [I, M, d], Eq. 1
         prototypes = self.user_preferences(content, graph, pattern=user_items)  # [U, M, d], Eqs. 2-4
         scores = affinities(prototypes, content, graph, pattern=user_items)  # [2E, M], Eq. 5
@@ -299,7 +300,7 @@ class GRCN(Recommender):
 
         if self.content_readout == "one_hop":
             nodes = torch.cat([prototypes, content])  # [N, M, d]
-            channels = pattern.with_channels(len(self.modalities))
+            channels = channel_pattern(graph, "graph", len(self.modalities))
             nodes = nodes + self.propagation(nodes, graph.edge_index, scores, pattern=channels)
             prototypes, content = nodes[: self.num_users], nodes[self.num_users :]
         # Eq. 10: e || u_v || u_a || u_t; [U, M, d] flattens to the modality blocks in v, a, t order.

@@ -423,9 +423,12 @@ def section_noise(bundle: Bundle, results: Results) -> list[Selection]:
                      "Test Recall@10 and NDCG@10 versus the rate of false-positive train interactions "
                      "(mean ± std over seeds)."):
         bundle.note(*_files_parts([bundle.csv("noise", noise_records(selections))]))
-    auc = edge_auc_table(selections)
-    if auc is not None:
-        bundle.table("edge_auc", auc, edge_auc_records(selections))
+    relative = edge_auc_table(selections, side="relative")
+    if relative is not None:
+        bundle.table("edge_auc_relative", relative)
+    raw = edge_auc_table(selections, side="mean")
+    if raw is not None:
+        bundle.table("edge_auc", raw, edge_auc_records(selections))
     return selections
 
 

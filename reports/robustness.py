@@ -91,6 +91,22 @@ def noise_figure(selections: Sequence[Any], *, metrics: Sequence[str] = NOISE_ME
     return figure
 
 
+EDGE_AUC_SIDES = {
+    "relative": (
+        "Edge-weight ROC-AUC for false-positive edges, within neighbourhoods",
+        "ROC-AUC of the negated learned edge weights at telling labelled false-positive train pairs from the rest, "
+        "each weight taken relative to a uniform weight over its receiver's neighbourhood (weight x receiver "
+        "degree), user side plus item side: the order inside every neighbourhood, without the 1/degree scale that "
+        "softmax normalisation gives each one.",
+    ),
+    "mean": (
+        "Edge-weight ROC-AUC for false-positive edges, raw weights",
+        "ROC-AUC of the negated raw learned edge weights (user side plus item side) over all train pairs at once; "
+        "softmax-normalised weights scale with 1/degree, so this mixes neighbourhood sizes into the ranking.",
+    ),
+}
+
+
 def edge_auc_table(selections: Sequence[Any], *, side: str = "mean") -> Table | None:
     """ROC-AUC of learned edge weights at flagging false-positive train edges, per row label and noise rate
     (mean ± std over the selected seeds); ``None`` when no cell measured it."""
@@ -116,10 +132,9 @@ def edge_auc_table(selections: Sequence[Any], *, side: str = "mean") -> Table | 
                 cells.append(Num(auc[0], auc[1], digits=3) if auc else DASH)
         if measured:
             rows.append((label, cells))
-    note = ("ROC-AUC of the negated learned edge weight at telling labelled false-positive train edges from the "
-            f"rest ({side} of the user-side and item-side weights when 'mean'); 0.5 = chance. Rate 0 has no "
-            "labelled false positives, hence no AUC.")
-    return Table("Edge-weight ROC-AUC for false-positive edges", "Model", groups, rows, [note])
+    title, note = EDGE_AUC_SIDES.get(side, (f"Edge-weight ROC-AUC for false-positive edges ({side})", ""))
+    note += " 0.5 = chance. Rate 0 has no labelled false positives, hence no AUC."
+    return Table(title, "Model", groups, rows, [note.strip()])
 
 
 def edge_auc_records(selections: Sequence[Any]) -> list[dict[str, Any]]:
@@ -127,7 +142,8 @@ def edge_auc_records(selections: Sequence[Any]) -> list[dict[str, Any]]:
     for base, series in noise_points(selections).items():
         for label, pts in series.items():
             for rate, s in pts:
-                for side in ("user_side", "item_side", "mean"):
+                for side in ("user_side", "item_side", "mean", "user_side_relative", "item_side_relative",
+                             "relative"):
                     auc = s.edge_auc(side)
                     if auc:
                         records.append({"dataset": base, "row": label, "rate": rate, "side": side,

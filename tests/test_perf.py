@@ -31,6 +31,7 @@ from grcn_bench.models.layers.sparse import (
     ChannelPattern,
     CSRPattern,
     _mkl_product,
+    channel_pattern,
     graph_pattern,
     sddmm,
     segment_softmax,
@@ -330,6 +331,21 @@ def test_channel_pattern_is_a_frozen_value():
     assert isinstance(channels, ChannelPattern) and channels.channels == 3
     with pytest.raises(AttributeError):
         channels.channels = 2
+
+
+def test_channel_patterns_are_built_once_per_graph_and_not_moved_with_it():
+    graph = small_graph()
+    first = channel_pattern(graph, "user_item", 3)
+    assert channel_pattern(graph, "user_item", 3) is first  # kept on the graph
+    expected = user_item_pattern(graph).with_channels(3)
+    for name in ("rowptr", "col", "t_rowptr", "t_col", "t_perm"):
+        assert torch.equal(getattr(first.block, name), getattr(expected.block, name))
+    assert torch.equal(first.order, expected.order) and torch.equal(first.position, expected.position)
+    other = channel_pattern(graph, "graph", 2)
+    assert other is not first and other.channels == 2 and other.base.nnz == graph.num_edges
+    assert graph.to("cpu").derived == {}  # a moved graph starts without them
+    with pytest.raises(ValueError, match="unknown pattern kind"):
+        channel_pattern(graph, "item_user", 2)
 
 
 # ------------------------------------------------------------------------------------------------ fast evaluation

@@ -66,7 +66,8 @@ def write_cell(store: ResultStore, cell: Cell, *, val_recall: float, test_recall
         "seconds": 2.0, "test_seconds": 0.1, "peak_rss_bytes": 200 * 2**20, "num_parameters": 1234,
     }
     if auc is not None:
-        result["edge_weight_auc"] = {"user_side": auc, "item_side": auc - 0.1, "mean": auc - 0.05}
+        result["edge_weight_auc"] = {"user_side": auc, "item_side": auc - 0.1, "mean": auc - 0.05,
+                                     "user_side_relative": auc + 0.05, "item_side_relative": auc, "relative": auc + 0.1}
     store.write(cell.cell_id, result, None if status == "failed" else arrays)
 
 
@@ -303,6 +304,9 @@ def test_table3_audit_noise_and_status_sections_hold_the_planned_numbers(report)
     auc = {(r["row"], float(r["rate"]), r["side"]): float(r["auc_mean"])
            for r in _read_csv(root / "report" / "edge_auc.csv")}
     assert auc[("GRCN", 0.2, "user_side")] == pytest.approx(0.8) and ("GRCN", 0.0, "mean") not in auc
+    assert auc[("GRCN", 0.2, "relative")] == pytest.approx(0.9)
+    relative = (root / "report" / "edge_auc_relative.md").read_text()
+    assert "within neighbourhoods" in relative and "0.900" in relative
     text = path.read_text()
     assert "RuntimeError: boom" in text and "1 failed" in text
     assert "abc123" in text  # the environment's git commit
