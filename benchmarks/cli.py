@@ -93,8 +93,9 @@ _GLOBAL_FLAGS = ("-h", "--help", "-v", "--verbose")
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in _GLOBAL_FLAGS:
-        argv = ["run", *argv]  # `run_benchmarks.py --out DIR` means `run --out DIR` (no arguments means `run`)
+    first = next((i for i, arg in enumerate(argv) if arg not in _GLOBAL_FLAGS), len(argv))
+    if first < len(argv) and argv[first].startswith("-"):
+        argv.insert(first, "run")  # `run_benchmarks.py --out DIR` means `run --out DIR` (no arguments means `run`)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -113,3 +113,15 @@ def test_unknown_preset_lists_the_known_ones(tmp_path):
     bad.write_text("models = [")
     with pytest.raises(ValueError, match="invalid TOML"):
         load_experiment(str(bad))
+
+
+def test_cli_without_a_command_runs_quick_and_takes_run_options(tmp_path, capsys):
+    from grcn_bench.benchmarks.cli import main
+
+    # `run_benchmarks.py --out DIR --dry-run` is `run --out DIR --dry-run`: the quick preset, 48 distinct cells.
+    assert main(["--dry-run", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 48 and "48 cells" in captured.err
+    assert all("pending" in line for line in captured.out.splitlines())
+    assert main(["-v", "--dry-run", "--out", str(tmp_path)]) == 0  # a global flag first, then run's options
+    assert "48 cells" in capsys.readouterr().err
