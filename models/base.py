@@ -82,8 +82,10 @@ class Recommender(torch.nn.Module, abc.ABC):
 
     def loss(self, emb: Embeddings, users: Tensor, pos: Tensor, neg: Tensor, reg_weight: float) -> Tensor:
         """Mean BPR over the batch plus ``reg_weight`` times the mean square of the ego parameters (Eq. 13)."""
-        # One call over [pos; neg]: one gather per table, so the backward fills one table-sized gradient, not two.
-        pos_scores, neg_scores = self.pair_score(emb, users.repeat(2), torch.cat([pos, neg])).chunk(2)
+        # Two calls, not one over [pos; neg]: that would save a table-sized gradient fill, but it changes the order
+        # in which gradient contributions are summed, and with it every stored result in the last bits (then more).
+        pos_scores = self.pair_score(emb, users, pos)
+        neg_scores = self.pair_score(emb, users, neg)
         return bpr_loss(pos_scores, neg_scores) + reg_weight * ego_l2(self.ego_parameters(users, pos, neg))
 
     def extra_repr(self) -> str:
