@@ -59,10 +59,18 @@ class Recommender(torch.nn.Module, abc.ABC):
         self.num_layers = num_layers
 
     def reset_parameters(self) -> None:
-        """Re-initialise every parameter (Xavier for embeddings and weights, SPEC §2.1)."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        """Re-initialise every submodule by its own ``reset_parameters``: the outermost one that has it, so a layer's
+        chosen initialisation (Xavier, SPEC §2.1) is not overwritten by torch's defaults of the layers inside it.
+        Models with parameters of their own (ID embeddings) override this and reset those too."""
+
+        def reset_below(module: torch.nn.Module) -> None:
+            for child in module.children():
+                if hasattr(child, "reset_parameters"):
+                    child.reset_parameters()
+                else:  # containers (ModuleList, ModuleDict, Sequential): look inside
+                    reset_below(child)
+
+        reset_below(self)
 
     @abc.abstractmethod
     def forward(self, graph: InteractionGraph) -> Embeddings:

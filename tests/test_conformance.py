@@ -315,3 +315,25 @@ def test_the_checks_catch_a_faulty_model(cls, message, tiny, monkeypatch):
     with pytest.raises(AssertionError, match=message):
         run_all_checks_on(cls, "test_conformance_faulty", tiny, monkeypatch)
     assert "test_conformance_faulty" not in available_models()
+
+
+def test_base_reset_uses_each_layers_own_initialisation(tiny):
+    class XavierLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)  # torch's own reset would give Kaiming-uniform weights
+
+        def reset_parameters(self) -> None:
+            torch.nn.init.constant_(self.inner.weight, 0.5)
+            torch.nn.init.zeros_(self.inner.bias)
+
+    class WithLayers(_Throwaway):
+        def __init__(self, data, *, embedding_dim: int = 16):
+            super().__init__(data, embedding_dim=embedding_dim)
+            self.layers = torch.nn.ModuleList([XavierLayer(), XavierLayer()])  # a container without reset
+
+    model = WithLayers(tiny.info())
+    Recommender.reset_parameters(model)
+    for layer in model.layers:
+        assert torch.equal(layer.inner.weight, torch.full((4, 4), 0.5))  # not overwritten by Linear's own reset
+        assert torch.equal(layer.inner.bias, torch.zeros(4))
