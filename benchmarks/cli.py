@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run an experiment (a preset or a TOML file), or an ad-hoc grid")
+    # Also accepted after the command; SUPPRESS keeps `grcn-bench -v run` working (a subparser default would reset it).
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="log one line per epoch to the console")
     run.add_argument("experiment", nargs="?", default=None,
                      help="preset name (see `list`) or path to a TOML file; default: 'quick', or an ad-hoc grid "
                           "when --models and --datasets are given")

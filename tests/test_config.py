@@ -125,3 +125,11 @@ def test_cli_without_a_command_runs_quick_and_takes_run_options(tmp_path, capsys
     assert all("pending" in line for line in captured.out.splitlines())
     assert main(["-v", "--dry-run", "--out", str(tmp_path)]) == 0  # a global flag first, then run's options
     assert "48 cells" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["-v", "run"], ["run", "-v"], ["run"]])
+def test_verbose_is_accepted_before_and_after_run(argv):
+    from grcn_bench.benchmarks.cli import build_parser
+
+    args = build_parser().parse_args([*argv, "--dry-run"])
+    assert args.command == "run" and args.verbose == ("-v" in argv)
