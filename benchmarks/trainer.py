@@ -151,7 +151,10 @@ def fit(
         for epoch in range(1, settings.max_epochs + 1):
             started = time.perf_counter()
             users, pos, neg = epoch_triplets(dataset.train, indptr, items, dataset.num_items, generator)
-            loss = _train_epoch(model, graph, users, pos, neg, settings, optimizer, device)
+            # At the paper's scale an epoch takes minutes on a CPU: a batch bar shows up once one runs over 2 s.
+            with _batch_bar(users.numel(), settings.batch_size, epoch, progress) as batch_bar:
+                loss = _train_epoch(model, graph, users, pos, neg, settings, optimizer, device,
+                                    on_batch=batch_bar.update)
             train_seconds = time.perf_counter() - started
             if not math.isfinite(loss):
                 result.status = "diverged"
@@ -196,8 +199,10 @@ def _train_epoch(
     settings: TrainSettings,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    on_batch: Callable[[], object] | None = None,
 ) -> float:
-    """One pass over the shuffled triplets; returns the mean batch loss (non-finite as soon as one batch is)."""
+    """One pass over the shuffled triplets; returns the mean batch loss (non-finite as soon as one batch is).
+    ``on_batch`` is called after every optimiser step (progress)."""
     model.train()
     total, batches = 0.0, 0
     for start in range(0, users.numel(), settings.batch_size):
@@ -215,6 +220,8 @@ def _train_epoch(
         optimizer.step()
         total += value
         batches += 1
+        if on_batch is not None:
+            on_batch()
     return total / max(1, batches)
 
 
@@ -224,6 +231,13 @@ def _epoch_line(record: EpochRecord, best_epoch: int) -> str:
         f"epoch {record.epoch:4d} loss {record.loss:.5f} {metrics} "
         f"train {record.train_seconds:.2f}s eval {record.eval_seconds:.2f}s best@{best_epoch}"
     )
+
+
+def _batch_bar(num_triplets: int, batch_size: int, epoch: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=-(-num_triplets // batch_size), desc=f"epoch {epoch}", unit="batch", leave=False,
+                disable=not enabled, delay=2.0, dynamic_ncols=True)
 
 
 def _progress_bar(total: int, description: str, enabled: bool):

@@ -142,3 +142,18 @@ def test_mf_beats_popularity_on_tiny(tmp_path):
     popularity = popularity_result(load_dataset(spec), "test").mean()["recall@10"]
     assert result["status"] == "ok"
     assert result["test_metrics"]["recall@10"] > popularity + 0.05
+
+
+def test_train_epoch_reports_every_batch():
+    from grcn_bench.benchmarks.trainer import _train_epoch, seed_everything
+
+    dataset = load_dataset("synthetic:tiny")
+    generator = seed_everything(0)
+    model = MF(dataset.info(), embedding_dim=8)
+    indptr, items = dataset.user_items("train")
+    users, pos, neg = epoch_triplets(dataset.train, indptr, items, dataset.num_items, generator)
+    settings = TrainSettings(batch_size=100)
+    calls = []
+    loss = _train_epoch(model, dataset.graph(), users, pos, neg, settings, torch.optim.Adam(model.parameters()),
+                        torch.device("cpu"), on_batch=lambda: calls.append(1))
+    assert math.isfinite(loss) and len(calls) == math.ceil(users.numel() / 100) > 1
