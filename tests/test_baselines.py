@@ -45,13 +45,7 @@ WORDS = {0: [0, 1], 1: [2], 3: [1, 1, 3], 4: [0]}
 NUM_WORDS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (about 10x slower on a shared 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 def dense_adjacency() -> torch.Tensor:

@@ -11,7 +11,6 @@ only: the per-epoch training loss must agree to 1e-5 (relative) and every test m
 from __future__ import annotations
 
 import pytest
-import torch
 
 from grcn_bench.benchmarks.config import Cell, TrainSettings
 from grcn_bench.benchmarks.runner import run_cell
@@ -82,13 +81,7 @@ PINNED: dict[str, tuple[list[float], int, dict[str, float]]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))

@@ -25,13 +25,7 @@ from grcn_bench.models.base import xavier_embedding
 STEPS, LR, BATCH = 12, 0.01, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (about 10x slower on a shared 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 @pytest.fixture(scope="module")
