@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .memory import keep_freed_memory
+
 DEFAULT_RESULTS = Path("results")
 
 
@@ -95,6 +97,7 @@ _GLOBAL_FLAGS = ("-h", "--help", "-v", "--verbose")
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((i for i, arg in enumerate(argv) if arg not in _GLOBAL_FLAGS), len(argv))
     if first < len(argv) and argv[first].startswith("-"):

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .config import Cell
+from .memory import keep_freed_memory
 from .runner import environment, pending_cells, run_cell
 from .store import ResultStore
 
@@ -224,6 +225,7 @@ def _process_slots(device: str, devices: Sequence[str] | None, workers: int | No
 
 def _worker_init(threads: int, plugins: tuple[str, ...]) -> None:
     """Runs once in each new worker process."""
+    keep_freed_memory()
     torch.set_num_threads(threads)
     load_plugins(plugins)
 

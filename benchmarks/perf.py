@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .memory import keep_freed_memory
+
 DEFAULT_DATASETS = ("synthetic:tiktok?scale=full", "synthetic:movielens?scale=full")
 DEFAULT_OUT = Path("results") / "perf.json"
 PHASES = ("forward", "score", "mask", "rank", "metrics")
@@ -192,6 +194,7 @@ def machine_description(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device,
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "keep_freed_memory": keep_freed_memory(),  # every cell's process sets it the same way
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         described["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -284,6 +287,7 @@ def _progress(message: str) -> None:
 def _cell_in_child(model_name: str, dataset: Any, spec: str, settings: PerfSettings, threads: int) -> dict[str, Any]:
     """Entry point of a spawned worker: same threads as the parent, then one measured cell."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    keep_freed_memory()
     torch.set_num_threads(threads)
     return asdict(measure_cell(model_name, dataset, spec, settings))
 

@@ -86,10 +86,7 @@ class InteractionGraph:
     ``w[reverse_edge]``: backward passes of weighted propagation reuse the forward's index structures.
 
     Item features travel with the graph (``features`` dense per modality, ``word_bags`` for word-id text), so that
-    ``model(graph)`` is the whole forward input. Every index structure is computed once, at construction, except
-    those only some models need (the block patterns of multi-channel sparse products): they are built on first use
-    and kept in ``derived``, keyed by what they are, because the structure never changes (a graph moved with
-    :meth:`to` starts with none). ``derived`` holds index structures only, never features or learned values.
+    ``model(graph)`` is the whole forward input. Every index structure is computed once, at construction.
     """
 
     num_users: int
@@ -100,7 +97,6 @@ class InteractionGraph:
     rowptr: Tensor  # [N+1] int64: CSR row pointer over targets
     features: Mapping[str, Tensor] = field(default_factory=dict)
     word_bags: WordBags | None = None
-    derived: dict[object, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_pairs(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
-from .losses import bpr_loss, ego_l2
+from .losses import bpr_loss, bpr_pair_scores, ego_l2
 
 
 class Embeddings(NamedTuple):
@@ -90,10 +90,15 @@ class Recommender(torch.nn.Module, abc.ABC):
 
     def loss(self, emb: Embeddings, users: Tensor, pos: Tensor, neg: Tensor, reg_weight: float) -> Tensor:
         """Mean BPR over the batch plus ``reg_weight`` times the mean square of the ego parameters (Eq. 13)."""
-        # Two calls, not one over [pos; neg]: that would save a table-sized gradient fill, but it changes the order
-        # in which gradient contributions are summed, and with it every stored result in the last bits (then more).
-        pos_scores = self.pair_score(emb, users, pos)
-        neg_scores = self.pair_score(emb, users, neg)
+        # The dot product of computed outputs: both scores with one gradient buffer per table. Where an output is a
+        # parameter itself (BPR-MF), the regulariser's gradient is summed between the two gathers' by autograd; two
+        # calls keep that order, and with it every stored result to the last bit.
+        computed = emb.user.grad_fn is not None and emb.item.grad_fn is not None
+        if computed and type(self).pair_score is Recommender.pair_score:
+            pos_scores, neg_scores = bpr_pair_scores(emb.user, emb.item, users, pos, neg)
+        else:
+            pos_scores = self.pair_score(emb, users, pos)
+            neg_scores = self.pair_score(emb, users, neg)
         return bpr_loss(pos_scores, neg_scores) + reg_weight * ego_l2(self.ego_parameters(users, pos, neg))
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ from .layers.refine import (
     prune,
     route_prototypes,
 )
-from .layers.sparse import ChannelPattern, channel_pattern, graph_pattern
+from .layers.sparse import CSRPattern, graph_pattern, user_item_pattern
 
 Variant = Literal["paper", "official"]
 Routing = Literal["paper", "official"]
@@ -248,7 +248,7 @@ class GRCN(Recommender):
             torch.nn.init.zeros_(linear.bias)
 
     def item_content(self, graph: InteractionGraph) -> Tensor:
-        r"""``[I, M, d]`` distilled item content :math:`\bar{\mathbf{i}}_m` of every modality (Eq. 1)."""
+        r"""``[M, I, d]`` distilled item content :math:`\bar{\mathbf{i}}_m` of every modality (Eq. 1)."""
         blocks = []
         for m in self.modalities:
             if m == "t" and self.word_text:
@@ -261,14 +261,16 @@ class GRCN(Recommender):
                 raw = graph.features[m]
             content = raw if m not in self.projections else F.leaky_relu(self.projections[m](raw))
             blocks.append(l2_normalize(content))
-        return torch.stack(blocks, dim=1)
+        return torch.stack(blocks)
 
     def user_preferences(
-        self, item_content: Tensor, graph: InteractionGraph, *, pattern: ChannelPattern | None = None
+        self, item_content: Tensor, graph: InteractionGraph, *, pattern: CSRPattern | None = None
     ) -> Tensor:
-        r"""``[U, M, d]`` prototypes :math:`\bar{\mathbf{u}}_m` (Eqs. 2-4; the release's routing never moves them)."""
+        r"""``[M, U, d]`` prototypes :math:`\bar{\mathbf{u}}_m` (Eqs. 2-4; the release's routing never moves them)."""
         iterations = self.routing_iterations if self.routing == "paper" else 0
-        return route_prototypes(item_content, self.user_prototypes, graph, iterations, pattern=pattern)
+        # The parameter is [U, M, d] (a user's prototypes together); the products want each modality contiguous.
+        initial = self.user_prototypes.transpose(0, 1).contiguous()
+        return route_prototypes(item_content, initial, graph, iterations, pattern=pattern)
 
     def forward(self, graph: InteractionGraph) -> Embeddings:
         if graph.num_users != self.num_users or graph.num_items != self.num_items:
@@ -276,19 +278,17 @@ class GRCN(Recommender):
                 f"graph has {graph.num_users} users x {graph.num_items} items, the model was built for "
                 f"{self.num_users} x {self.num_items}"
             )
-        # Index structures of the sparse products: views of the graph's CSR tensors, and block patterns built once
-        # per graph (kept on the graph, which never changes; the model holds no state between calls).
-        user_items = channel_pattern(graph, "user_item", len(self.modalities))
-        content = self.item_content(graph)  # [I, M, d], Eq. 1
-        prototypes = self.user_preferences(content, graph, pattern=user_items)  # [U, M, d], Eqs. 2-4
-        scores = affinities(prototypes, content, graph, pattern=user_items)  # [2E, M], Eq. 5
+        # Index structures of the sparse products: views of the graph's CSR tensors (no state kept between calls).
+        user_items, pattern = user_item_pattern(graph), graph_pattern(graph)
+        content = self.item_content(graph)  # [M, I, d], Eq. 1
+        prototypes = self.user_preferences(content, graph, pattern=user_items)  # [M, U, d], Eqs. 2-4
+        scores = affinities(prototypes, content, graph, pattern=user_items)  # [M, 2E], Eq. 5
         confidence = None
         if self.base_vectors is not None:
             node = graph.edge_index[1] if self.confidence_from == "target" else graph.edge_index[0]
-            confidence = self.base_vectors.index_select(0, node)
+            confidence = self.base_vectors.index_select(0, node).t()  # [M, 2E]
         weight = prune(fuse(scores, self.fusion, confidence), self.pruning)  # [2E], Eqs. 6-7
 
-        pattern = graph_pattern(graph)  # views of the graph's CSR tensors
         x = l2_normalize(self.id_embedding)  # e^(0)
         total = x
         for _ in range(self.num_layers):  # Eq. 8, summed over layers as in Eq. 9
@@ -299,13 +299,12 @@ class GRCN(Recommender):
             return Embeddings(user, item, weight)
 
         if self.content_readout == "one_hop":
-            nodes = torch.cat([prototypes, content])  # [N, M, d]
-            channels = channel_pattern(graph, "graph", len(self.modalities))
-            nodes = nodes + self.propagation(nodes, graph.edge_index, scores, pattern=channels)
-            prototypes, content = nodes[: self.num_users], nodes[self.num_users :]
-        # Eq. 10: e || u_v || u_a || u_t; [U, M, d] flattens to the modality blocks in v, a, t order.
-        user = torch.cat([user, prototypes.flatten(1)], dim=1)
-        item = torch.cat([item, content.flatten(1)], dim=1)
+            nodes = torch.cat([prototypes, content], dim=1)  # [M, N, d]
+            nodes = nodes + self.propagation(nodes, graph.edge_index, scores, pattern=pattern)
+            prototypes, content = nodes[:, : self.num_users], nodes[:, self.num_users :]
+        # Eq. 10: e || u_v || u_a || u_t, the modality blocks in v, a, t order.
+        user = torch.cat([user, *prototypes.unbind(0)], dim=1)
+        item = torch.cat([item, *content.unbind(0)], dim=1)
         return Embeddings(user, item, weight)
 
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:

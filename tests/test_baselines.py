@@ -265,7 +265,7 @@ def test_neighbourhood_routing_equals_the_loop_computation(data, iterations, tau
         torch.testing.assert_close(p.sum(-1), torch.ones(graph.num_edges))  # over channels, per neighbour
         for e, (j, u) in enumerate(graph.edge_index.t().tolist()):
             torch.testing.assert_close(p[e], expected_p[(j, u)], atol=1e-5, rtol=1e-5)
-    fast, fast_p = conv(x, graph.edge_index, pattern=graph_pattern(graph).with_channels(4), return_probabilities=True)
+    fast, fast_p = conv(x, graph.edge_index, pattern=graph_pattern(graph), return_probabilities=True)
     torch.testing.assert_close(fast, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_p, p, atol=1e-5, rtol=1e-5)
     channel_norms = out.view(U + I, 4, 3).norm(dim=-1)
@@ -280,7 +280,7 @@ def test_neighbourhood_routing_sparse_path_has_the_reference_gradients(data):
     conv = NeighRoutingConv(8, 4, 3, iterations=2, tau=0.7)
     x = torch.randn(U + I, 8)
     upstream = torch.randn(U + I, 12)
-    pattern = graph_pattern(graph).with_channels(4)
+    pattern = graph_pattern(graph)
     grads = []
     for kwargs in ({}, {"pattern": pattern}):
         conv.zero_grad()
@@ -587,11 +587,13 @@ def test_stack_pattern_runs_each_copy_on_its_own_block(data, symmetric):
     x = torch.randn(copies, pattern.num_cols, width, dtype=torch.float64, requires_grad=True)
     stacked = spmm(block, values.reshape(-1), x.reshape(-1, width)).view(copies, pattern.num_rows, width)
     separate = torch.stack([spmm(pattern, values[m], x[m]) for m in range(copies)])
-    assert torch.equal(stacked, separate)
+    channel_major = spmm(pattern, values, x)  # one product per copy over the base pattern
+    assert torch.equal(stacked, separate) and torch.equal(channel_major, separate)
     upstream = torch.randn_like(stacked)
-    grads = [torch.autograd.grad((out * upstream).sum(), (values, x)) for out in (stacked, separate)]
-    for a, b in zip(*grads, strict=True):
+    grads = [torch.autograd.grad((out * upstream).sum(), (values, x)) for out in (stacked, separate, channel_major)]
+    for a, b, c in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+        torch.testing.assert_close(c, b)
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="copies must be an int >= 1"):
             stack_pattern(pattern, bad)
@@ -603,10 +605,9 @@ def test_neighbourhood_routing_takes_the_plain_graph_pattern(data):
     conv = NeighRoutingConv(8, 4, 3, iterations=2, tau=0.5)
     x = torch.randn(U + I, 8)
     reference, reference_p = conv(x, graph.edge_index, return_probabilities=True)
-    for pattern in (graph_pattern(graph), graph_pattern(graph).with_channels(4)):
-        out, p = conv(x, graph.edge_index, pattern=pattern, return_probabilities=True)
-        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(p, reference_p, atol=1e-6, rtol=1e-6)
+    out, p = conv(x, graph.edge_index, pattern=graph_pattern(graph), return_probabilities=True)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(p, reference_p, atol=1e-6, rtol=1e-6)
 
 
 def test_gat_and_graphsage_models_equal_pyg_forwards_on_edge_lists(data):

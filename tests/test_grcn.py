@@ -115,26 +115,30 @@ def blocks_of(emb_part, num_modalities):
 def test_route_prototypes_equals_eqs_2_to_4(iterations):
     graph = make_graph()
     gen = torch.Generator().manual_seed(1)
-    content = F.normalize(torch.randn(I, 2, D, generator=gen), dim=-1)
-    init = torch.randn(U, 2, D, generator=gen)
+    content = F.normalize(torch.randn(2, I, D, generator=gen), dim=-1)  # modality-major
+    init = torch.randn(2, U, D, generator=gen)
     out = route_prototypes(content, init, graph, iterations)
     adjacency = dense_adjacency(PAIRS, U, I)
     for m in range(2):
-        expected = reference_route(content[:, m], init[:, m], adjacency, iterations)
-        torch.testing.assert_close(out[:, m], expected)
+        expected = reference_route(content[m], init[m], adjacency, iterations)
+        torch.testing.assert_close(out[m], expected)
     # Routing moves the prototypes away from the normalised start.
     assert not torch.allclose(out, F.normalize(init, dim=-1))
 
 
 def test_route_prototypes_zero_iterations_and_error():
     graph = make_graph()
-    init = torch.randn(U, 2, D)
-    torch.testing.assert_close(route_prototypes(torch.randn(I, 2, D), init, graph, 0), F.normalize(init, dim=-1))
+    init = torch.randn(2, U, D)
+    torch.testing.assert_close(route_prototypes(torch.randn(2, I, D), init, graph, 0), F.normalize(init, dim=-1))
     with pytest.raises(ValueError, match="iterations must be >= 0"):
-        route_prototypes(torch.randn(I, 2, D), init, graph, -1)
-    three_channels = user_item_pattern(graph).with_channels(3)
-    with pytest.raises(ValueError, match="the pattern has 3 channels, the content 2 modalities"):
-        route_prototypes(torch.randn(I, 2, D), init, graph, 1, pattern=three_channels)
+        route_prototypes(torch.randn(2, I, D), init, graph, -1)
+    with pytest.raises(ValueError, match="must have the same modalities"):
+        route_prototypes(torch.randn(3, I, D), init, graph, 1)
+    with pytest.raises(ValueError, match="must have the same modalities"):
+        route_prototypes(torch.randn(I, D), init, graph, 1)
+    content = torch.randn(2, I, D)  # a caller's pattern is used as given (the one the function would build)
+    given = route_prototypes(content, init, graph, 2, pattern=user_item_pattern(graph))
+    torch.testing.assert_close(given, route_prototypes(content, init, graph, 2))
 
 
 @pytest.mark.parametrize("iterations", [0, 1, 2])
@@ -180,16 +184,16 @@ def test_official_routing_ignores_iterations():
 def test_affinities_sum_to_one_per_receiver_and_match_eq_5():
     graph = make_graph()
     gen = torch.Generator().manual_seed(2)
-    protos, content = torch.randn(U, 2, D, generator=gen), torch.randn(I, 2, D, generator=gen)
+    protos, content = torch.randn(2, U, D, generator=gen), torch.randn(2, I, D, generator=gen)
     scores = affinities(protos, content, graph)
-    assert scores.shape == (2 * len(PAIRS), 2)
+    assert scores.shape == (2, 2 * len(PAIRS))
     for node in range(graph.num_nodes):
-        incoming = scores[graph.edge_index[1] == node]
-        torch.testing.assert_close(incoming.sum(0), torch.ones(2))
+        incoming = scores[:, graph.edge_index[1] == node]
+        torch.testing.assert_close(incoming.sum(1), torch.ones(2))
     adjacency = dense_adjacency(PAIRS, U, I)
     for m in range(2):
-        into_user, into_item = reference_affinity(protos[:, m], content[:, m], adjacency)
-        torch.testing.assert_close(scores[:, m], per_edge(graph, into_user, into_item))
+        into_user, into_item = reference_affinity(protos[m], content[m], adjacency)
+        torch.testing.assert_close(scores[m], per_edge(graph, into_user, into_item))
 
 
 def reference_scores(model, graph, emb):
@@ -251,8 +255,8 @@ def test_max_and_mean_fusion_have_no_base_vectors(fusion):
 
 
 def test_fuse_and_prune_by_hand():
-    scores = torch.tensor([[0.2, 0.6], [0.8, 0.4]])
-    confidence = torch.tensor([[2.0, -1.0], [-1.0, -3.0]])
+    scores = torch.tensor([[0.2, 0.6], [0.8, 0.4]]).t()  # [M, 2E]: edge 0 scores (0.2, 0.6), edge 1 (0.8, 0.4)
+    confidence = torch.tensor([[2.0, -1.0], [-1.0, -3.0]]).t()
     torch.testing.assert_close(fuse(scores, "max_base", confidence), torch.tensor([0.4, -0.8]))
     torch.testing.assert_close(fuse(scores, "max"), torch.tensor([0.6, 0.8]))
     torch.testing.assert_close(fuse(scores, "mean"), torch.tensor([0.4, 0.6]))
@@ -283,13 +287,13 @@ def test_propagation_equals_dense_eqs_8_and_9():
 def test_refined_propagation_per_modality_weights():
     graph = make_graph()
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(graph.num_nodes, 2, 5, generator=gen)
-    w = torch.randn(graph.num_edges, 2, generator=gen)
+    x = torch.randn(2, graph.num_nodes, 5, generator=gen)  # modality-major
+    w = torch.randn(2, graph.num_edges, generator=gen)
     out = RefinedPropagation()(x, graph.edge_index, w)
     for m in range(2):
-        torch.testing.assert_close(out[:, m], dense_weights(graph, w[:, m]) @ x[:, m])
-    flat = RefinedPropagation()(x[:, 0], graph.edge_index, w[:, 0])
-    torch.testing.assert_close(flat, out[:, 0])
+        torch.testing.assert_close(out[m], dense_weights(graph, w[m]) @ x[m])
+    flat = RefinedPropagation()(x[0], graph.edge_index, w[0])
+    torch.testing.assert_close(flat, out[0])
 
 
 def test_isolated_user_and_item_stay_finite():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -26,12 +27,11 @@ from grcn_bench.datasets import load_dataset
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from grcn_bench.models import get_model, register_model, unregister_model
 from grcn_bench.models.base import Embeddings, Recommender
+from grcn_bench.models.layers.edge_ops import stack_pattern
 from grcn_bench.models.layers.refine import RefinedPropagation, l2_normalize
 from grcn_bench.models.layers.sparse import (
-    ChannelPattern,
     CSRPattern,
     _mkl_product,
-    channel_pattern,
     graph_pattern,
     sddmm,
     segment_softmax,
@@ -149,14 +149,17 @@ def entries(pattern: CSRPattern) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_scatter_spmm(pattern, values, x):
+    """One channel ([nnz], [C, d]) or channel-major ([M, nnz], [M, C, d]), by gather and scatter."""
+    if values.dim() == 2:
+        return torch.stack([gather_scatter_spmm(pattern, v, y) for v, y in zip(values, x, strict=True)])
     rows, cols = entries(pattern)
-    messages = values.reshape(values.shape + (1,)) * x[cols]
-    return torch.zeros((pattern.num_rows,) + x.shape[1:], dtype=x.dtype).index_add(0, rows, messages)
+    messages = values.unsqueeze(-1) * x[cols]
+    return torch.zeros(pattern.num_rows, x.size(-1), dtype=x.dtype).index_add(0, rows, messages)
 
 
 def gather_sddmm(pattern, a, b):
     rows, cols = entries(pattern)
-    return (a[rows] * b[cols]).sum(-1)
+    return (a[..., rows, :] * b[..., cols, :]).sum(-1)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
@@ -165,13 +168,12 @@ def test_spmm_and_sddmm_match_gather_scatter_in_values_and_gradients(name, chann
     pattern = PATTERNS[name]()
     gen = torch.Generator().manual_seed(0)
     extra = () if channels is None else (channels,)
-    values = torch.randn(pattern.nnz, *extra, generator=gen, requires_grad=True)
-    x = torch.randn(pattern.num_cols, *extra, 4, generator=gen, requires_grad=True)
-    a = torch.randn(pattern.num_rows, *extra, 4, generator=gen, requires_grad=True)
-    fast_pattern = pattern if channels is None else pattern.with_channels(channels)
+    values = torch.randn(*extra, pattern.nnz, generator=gen, requires_grad=True)
+    x = torch.randn(*extra, pattern.num_cols, 4, generator=gen, requires_grad=True)
+    a = torch.randn(*extra, pattern.num_rows, 4, generator=gen, requires_grad=True)
     for fast, slow, inputs in (
-        (lambda v, y: spmm(fast_pattern, v, y), lambda v, y: gather_scatter_spmm(pattern, v, y), (values, x)),
-        (lambda p, q: sddmm(fast_pattern, p, q), lambda p, q: gather_sddmm(pattern, p, q), (a, x)),
+        (lambda v, y: spmm(pattern, v, y), lambda v, y: gather_scatter_spmm(pattern, v, y), (values, x)),
+        (lambda p, q: sddmm(pattern, p, q), lambda p, q: gather_sddmm(pattern, p, q), (a, x)),
     ):
         out_fast, out_slow = fast(*inputs), slow(*inputs)
         torch.testing.assert_close(out_fast, out_slow)
@@ -189,12 +191,11 @@ def test_custom_autograd_functions_pass_gradcheck_in_float64(name, channels):
     gen = torch.Generator().manual_seed(1)
     extra = () if channels is None else (channels,)
     double = dict(dtype=torch.float64, requires_grad=True)
-    values = torch.randn(pattern.nnz, *extra, generator=gen, dtype=torch.float64).requires_grad_()
-    x = torch.randn(pattern.num_cols, *extra, 2, generator=gen, **double)
-    a = torch.randn(pattern.num_rows, *extra, 2, generator=gen, **double)
-    fast_pattern = pattern if channels is None else pattern.with_channels(channels)
-    assert torch.autograd.gradcheck(lambda v, y: spmm(fast_pattern, v, y), (values, x))
-    assert torch.autograd.gradcheck(lambda p, q: sddmm(fast_pattern, p, q), (a, x))
+    values = torch.randn(*extra, pattern.nnz, generator=gen, dtype=torch.float64).requires_grad_()
+    x = torch.randn(*extra, pattern.num_cols, 2, generator=gen, **double)
+    a = torch.randn(*extra, pattern.num_rows, 2, generator=gen, **double)
+    assert torch.autograd.gradcheck(lambda v, y: spmm(pattern, v, y), (values, x))
+    assert torch.autograd.gradcheck(lambda p, q: sddmm(pattern, p, q), (a, x))
 
 
 def test_segment_softmax_is_pygs_softmax_with_a_fused_backward():
@@ -227,19 +228,10 @@ def test_l2_normalize_is_f_normalize_with_a_fused_backward():
     assert torch.autograd.gradcheck(l2_normalize, (double,))
 
 
-def test_channel_pattern_layout_and_transpose():
+def test_pattern_transpose():
     base = coo_pattern()
-    channels = base.with_channels(2)
-    block = channels.block
-    assert (block.num_rows, block.num_cols, block.nnz) == (10, 10, 12)
-    rows, cols = entries(base)
-    block_rows, block_cols = entries(block)
-    # Block entry j copies base entry order[j] // M in channel order[j] % M, at row r*M+m and column c*M+m.
-    k, m = channels.order // 2, channels.order % 2
-    assert torch.equal(block_rows, rows[k] * 2 + m) and torch.equal(block_cols, cols[k] * 2 + m)
-    assert torch.equal(channels.position[channels.order], torch.arange(12))
     # The transpose's entries really are the forward's entries t_perm, in the transpose's CSR order.
-    for pattern in (base, block):
+    for pattern in (base, stack_pattern(base, 2)):
         t_rows, _ = entries(pattern.transpose())
         forward_rows, forward_cols = entries(pattern)
         assert torch.equal(forward_cols[pattern.t_perm], t_rows)
@@ -250,7 +242,7 @@ def test_channel_pattern_layout_and_transpose():
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_every_pattern_and_transpose_satisfies_torchs_csr_invariants(name):
     pattern = PATTERNS[name]()
-    for candidate in (pattern, pattern.with_channels(3).block):
+    for candidate in (pattern, stack_pattern(pattern, 3)):
         for rowptr, col, size in (
             (candidate.rowptr, candidate.col, (candidate.num_rows, candidate.num_cols)),
             (candidate.t_rowptr, candidate.t_col, (candidate.num_cols, candidate.num_rows)),
@@ -281,20 +273,20 @@ def test_pattern_and_shape_errors():
     with pytest.raises(ValueError, match="inside the"):
         CSRPattern.from_coo(torch.tensor([0, 1]), torch.tensor([0, 2]), 2, 2)
     pattern = coo_pattern()
-    with pytest.raises(ValueError, match="channels must be an int >= 1"):
-        pattern.with_channels(0)
     with pytest.raises(ValueError, match="spmm: pattern"):
         spmm(pattern, torch.randn(pattern.nnz + 1), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="spmm: pattern"):
+        spmm(pattern, torch.randn(2, pattern.nnz), torch.randn(2, 4, 2))
     with pytest.raises(ValueError, match="values \\[nnz\\] need features"):
-        spmm(pattern, torch.randn(pattern.nnz), torch.randn(5, 2, 2))
-    with pytest.raises(ValueError, match="values \\[nnz\\] need features"):
-        spmm(pattern.with_channels(2), torch.randn(pattern.nnz), torch.randn(5, 2))
-    with pytest.raises(ValueError, match="has 2 channels, the inputs have 3"):
-        spmm(pattern.with_channels(2), torch.randn(pattern.nnz, 3), torch.randn(5, 3, 2))
+        spmm(pattern, torch.randn(pattern.nnz), torch.randn(2, 5, 2))
+    with pytest.raises(ValueError, match="values \\[M, nnz\\] need \\[M, C, d\\]"):
+        spmm(pattern, torch.randn(2, pattern.nnz), torch.randn(3, 5, 2))
     with pytest.raises(ValueError, match="sddmm: pattern"):
-        sddmm(pattern, torch.randn(5, 2), torch.randn(5, 3))
+        sddmm(pattern, torch.randn(5, 2), torch.randn(4, 2))
     with pytest.raises(ValueError, match="sddmm: inputs must be"):
         sddmm(pattern, torch.randn(5), torch.randn(5))
+    with pytest.raises(ValueError, match="sddmm: inputs must be"):
+        sddmm(pattern, torch.randn(2, 5, 2), torch.randn(3, 5, 2))
 
 
 @pytest.mark.skipif(not _mkl_product(torch.ones(1), torch.ones(1, dtype=torch.int32)), reason="no MKL CSR product")
@@ -312,9 +304,10 @@ def test_refined_propagation_fast_path_equals_the_reference_path():
     graph = small_graph()
     gen = torch.Generator().manual_seed(4)
     layer = RefinedPropagation()
-    for shape, pattern in (((), graph_pattern(graph)), ((2,), graph_pattern(graph).with_channels(2))):
-        w = torch.randn(graph.num_edges, *shape, generator=gen, requires_grad=True)
-        x = torch.randn(graph.num_nodes, *shape, 3, generator=gen, requires_grad=True)
+    pattern = graph_pattern(graph)
+    for shape in ((), (2,)):
+        w = torch.randn(*shape, graph.num_edges, generator=gen, requires_grad=True)
+        x = torch.randn(*shape, graph.num_nodes, 3, generator=gen, requires_grad=True)
         fast = layer(x, graph.edge_index, w, pattern=pattern)
         slow = layer(x, graph.edge_index, w)
         torch.testing.assert_close(fast, slow)
@@ -324,31 +317,6 @@ def test_refined_propagation_fast_path_equals_the_reference_path():
             torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="the pattern has"):
         layer(torch.randn(3, 2), graph.edge_index, torch.randn(graph.num_edges), pattern=graph_pattern(graph))
-
-
-def test_channel_pattern_is_a_frozen_value():
-    channels = coo_pattern().with_channels(3)
-    assert isinstance(channels, ChannelPattern) and channels.channels == 3
-    with pytest.raises(AttributeError):
-        channels.channels = 2
-
-
-def test_channel_patterns_are_built_once_per_graph_and_not_moved_with_it():
-    graph = small_graph()
-    first = channel_pattern(graph, "user_item", 3)
-    assert channel_pattern(graph, "user_item", 3) is first  # kept on the graph
-    expected = user_item_pattern(graph).with_channels(3)
-    for name in ("rowptr", "col", "t_rowptr", "t_col", "t_perm"):
-        assert torch.equal(getattr(first.block, name), getattr(expected.block, name))
-    assert torch.equal(first.order, expected.order) and torch.equal(first.position, expected.position)
-    other = channel_pattern(graph, "graph", 2)
-    assert other is not first and other.channels == 2 and other.base.nnz == graph.num_edges
-    assert graph.to("cpu").derived == {}  # a moved graph starts without them
-    with pytest.raises(ValueError, match="unknown pattern kind"):
-        channel_pattern(graph, "item_user", 2)
-
-
-# ------------------------------------------------------------------------------------------------ fast evaluation
 
 
 @pytest.mark.parametrize("k", [1, 10, 20])
@@ -509,3 +477,83 @@ def test_perf_runs_each_cell_in_a_fresh_process():
                                              **SMALL_REFERENCES))
     (cell,) = report["cells"]
     assert cell["status"] == "ok" and cell["peak_rss_bytes"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ malloc settings
+
+
+class _FakeLibc:
+    def __init__(self, answer: int = 1):
+        self.calls: list[tuple[int, int]] = []
+        self.answer = answer
+
+        def mallopt(parameter: int, value: int) -> int:
+            self.calls.append((parameter, value))
+            return self.answer
+
+        self.mallopt = mallopt
+
+
+def test_keep_freed_memory_sets_glibcs_heap_options(monkeypatch):
+    from grcn_bench.benchmarks import memory
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.delenv(memory.ENV_VARIABLE, raising=False)
+    assert memory.keep_freed_memory() is True
+    # No mmap for large blocks (they come from the heap), and freed memory stays in the heap up to 2 GiB.
+    assert libc.calls == [(-4, 0), (-1, 2**31 - 1)]
+
+    libc.calls.clear()
+    monkeypatch.setenv(memory.ENV_VARIABLE, "system")
+    assert memory.keep_freed_memory() is False and libc.calls == []  # the opt-out leaves malloc alone
+
+    monkeypatch.delenv(memory.ENV_VARIABLE)
+    failing = _FakeLibc(answer=0)
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: failing)
+    assert memory.keep_freed_memory() is False  # mallopt refused
+
+    class NoMallopt:  # musl and other C libraries
+        pass
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: NoMallopt())
+    assert memory.keep_freed_memory() is False
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: libc)
+    assert memory.keep_freed_memory() is False and libc.calls == []
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_takes_effect_on_glibc(monkeypatch):
+    from grcn_bench.benchmarks.memory import ENV_VARIABLE, keep_freed_memory
+
+    monkeypatch.delenv(ENV_VARIABLE, raising=False)
+    assert keep_freed_memory() is True
+
+
+# ---------------------------------------------------------------------------------------------- the loss's gathers
+
+
+def test_bpr_pair_scores_equal_two_gathers_bit_for_bit():
+    from grcn_bench.models.losses import bpr_pair_scores
+
+    gen = torch.Generator().manual_seed(5)
+    # Repeated users, a row that is a positive twice and a negative twice, rows that are only negatives.
+    users = torch.tensor([0, 3, 3, 1, 0, 3, 2, 2])
+    pos = torch.tensor([4, 4, 1, 0, 5, 2, 4, 0])
+    neg = torch.tensor([1, 6, 1, 6, 3, 0, 3, 6])
+    base_user, base_item = torch.randn(5, 7, generator=gen), torch.randn(7, 7, generator=gen)
+    g_pos, g_neg = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    leaves = [(base_user.clone().requires_grad_(), base_item.clone().requires_grad_()) for _ in range(2)]
+    # Computed (non-leaf) tables, as the models' outputs that take this path.
+    (user_a, item_a), (user_b, item_b) = [(u * 1.5, i * 1.5) for u, i in leaves]
+    fused = bpr_pair_scores(user_a, item_a, users, pos, neg)
+    separate = ((user_b[users] * item_b[pos]).sum(-1), (user_b[users] * item_b[neg]).sum(-1))
+    for got, want in zip(fused, separate, strict=True):
+        assert torch.equal(got, want)
+    grads_fused = torch.autograd.grad(fused, [user_a, item_a], [g_pos, g_neg])
+    grads_separate = torch.autograd.grad(separate, [user_b, item_b], [g_pos, g_neg])
+    for got, want in zip(grads_fused, grads_separate, strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(grads_fused[1][6], torch.zeros(7))  # a negative-only row does get its gradient

@@ -13,7 +13,7 @@ from torch_geometric.nn import MessagePassing
 
 from .content import reset_xavier, xavier_linear
 from .edge_ops import l2_normalize, stack_pattern
-from .sparse import ChannelPattern, CSRPattern, sddmm, spmm
+from .sparse import CSRPattern, sddmm, spmm
 
 
 class NeighRoutingConv(MessagePassing):
@@ -48,14 +48,14 @@ class NeighRoutingConv(MessagePassing):
 
     Shapes:
         - **input:** node features ``[N, in]``, ``edge_index [2, E]`` (row 0 source, row 1 target), and optionally
-          ``pattern``, the graph's :func:`~.sparse.graph_pattern` (or a :class:`~.sparse.ChannelPattern` of it, whose
-          base is used): then each routing step runs as one sampled product (the agreements, all channels at once)
-          and one sparse product (the routed sums) over the channel-major block pattern of
-          :func:`~.edge_ops.stack_pattern` (:func:`~.sparse.sddmm`, :func:`~.sparse.spmm`), instead of PyG's
-          ``[E, K, channel_dim]`` gathers, which stay as the reference path. At Tiktok scale one training batch of
-          the 2-layer model measured about 5.5 s on 2 cores with a node-major channel pattern rebuilt at every
-          forward and a softmax over the last dimension of ``[E, K]``, about 3.5 s this way; about half of it is
-          the 36 sparse products (forward and backward) that the routing needs.
+          ``pattern``, the graph's :func:`~.sparse.graph_pattern`: then each routing step runs as one sampled
+          product (the agreements, all channels at once) and one sparse product (the routed sums) over the
+          channel-major block pattern of :func:`~.edge_ops.stack_pattern` (:func:`~.sparse.sddmm`,
+          :func:`~.sparse.spmm`), instead of PyG's ``[E, K, channel_dim]`` gathers, which stay as the reference
+          path. At Tiktok scale one training batch of the 2-layer model measured about 5.5 s on 2 cores with a
+          node-major channel pattern rebuilt at every forward and a softmax over the last dimension of ``[E, K]``,
+          about 3.5 s this way; about half of it is the 36 sparse products (forward and backward) that the routing
+          needs.
         - **output:** ``[N, K * channel_dim]`` (and, with ``return_probabilities``, ``p`` of the last iteration
           ``[E, K]`` in edge order, zeros when ``iterations`` is 0).
     """
@@ -86,7 +86,7 @@ class NeighRoutingConv(MessagePassing):
         x: Tensor,
         edge_index: Tensor,
         *,
-        pattern: CSRPattern | ChannelPattern | None = None,
+        pattern: CSRPattern | None = None,
         return_probabilities: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         z = self.channels(x)
@@ -99,8 +99,7 @@ class NeighRoutingConv(MessagePassing):
                 c = F.normalize(z + routed, dim=-1)
             out = c.reshape(-1, self.num_channels * self.channel_dim)
         else:
-            base = pattern.base if isinstance(pattern, ChannelPattern) else pattern
-            out, p = self._route_sparse(z, base)
+            out, p = self._route_sparse(z, pattern)
         return (out, p) if return_probabilities else out
 
     def _route_sparse(self, z: Tensor, pattern: CSRPattern) -> tuple[Tensor, Tensor]:

@@ -10,8 +10,9 @@ Small pure functions, one per step, so that each equation can be tested on its o
 - :func:`fuse` and :func:`prune`: fusing modalities into one weight per directed edge (Eqs. 6-7), hard pruning;
 - :class:`RefinedPropagation`: weighted message passing on the refined graph (Eq. 8).
 
-Conventions. Modalities are stacked on dimension 1: item content is ``[I, M, d]``, user prototypes ``[U, M, d]``,
-per-modality edge scores ``[2E, M]``, so every modality is handled by the same tensor operation. Edges follow
+Conventions. Modalities are stacked on dimension 0 (modality-major): item content is ``[M, I, d]``, user prototypes
+``[M, U, d]``, per-modality edge scores ``[M, 2E]``, so every modality is handled by the same tensor operation and
+each modality's block is contiguous (the sparse products run one modality at a time, :mod:`~.sparse`). Edges follow
 :class:`~grcn_bench.datasets.base.InteractionGraph`: sorted by target, users before items, so the first ``E``
 directed edges are exactly the ``item -> user`` edges (CSR rows ``0..U-1``) and the last ``E`` the
 ``user -> item`` edges. Neighbourhood softmaxes are segment softmaxes over the CSR row pointer (``ptr``).
@@ -36,7 +37,7 @@ from torch_geometric.nn import MessagePassing
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import ChannelPattern, CSRPattern, sddmm, segment_softmax, spmm, user_item_pattern
+from .sparse import CSRPattern, sddmm, segment_softmax, spmm, user_item_pattern
 
 Fusion = Literal["max_base", "max", "mean"]
 Pruning = Literal["soft", "hard"]
@@ -73,7 +74,7 @@ def route_prototypes(
     graph: InteractionGraph,
     iterations: int,
     *,
-    pattern: ChannelPattern | None = None,
+    pattern: CSRPattern | None = None,
 ) -> Tensor:
     r"""User preference prototypes by neighbour routing over each user's items (Eqs. 2-4), all modalities at once.
 
@@ -89,40 +90,50 @@ def route_prototypes(
     normalised initial vector.
 
     Args:
-        item_content: ``[I, M, d]`` distilled item features :math:`\bar{\mathbf{i}}_m` (Eq. 1).
-        prototype_init: ``[U, M, d]`` trainable initial prototypes :math:`\mathbf{u}^m_{(0)}` (not yet normalised).
+        item_content: ``[M, I, d]`` distilled item features :math:`\bar{\mathbf{i}}_m` (Eq. 1).
+        prototype_init: ``[M, U, d]`` trainable initial prototypes :math:`\mathbf{u}^m_{(0)}` (not yet normalised).
         graph: the training graph; :math:`\mathcal{N}(u)` is the user's training items.
-        pattern: ``user_item_pattern(graph).with_channels(M)``, when the caller already built it (built here if
-            not).
         iterations: :math:`T \ge 0`; ``0`` returns the normalised initial prototypes.
+        pattern: ``user_item_pattern(graph)``, when the caller already has it.
 
     Returns:
-        ``[U, M, d]`` prototypes :math:`\bar{\mathbf{u}}_m`.
+        ``[M, U, d]`` prototypes :math:`\bar{\mathbf{u}}_m`.
     """
     if iterations < 0:
         raise ValueError(f"routing iterations must be >= 0, got {iterations}")
+    if item_content.dim() != 3 or prototype_init.dim() != 3 or item_content.size(0) != prototype_init.size(0):
+        raise ValueError(
+            f"content [M, I, d] and prototypes [M, U, d] must have the same modalities, got "
+            f"{tuple(item_content.shape)} and {tuple(prototype_init.shape)}"
+        )
     prototypes = l2_normalize(prototype_init)
     if iterations == 0:
         return prototypes
-    if pattern is None:  # A[u, i]: the E item -> user edges, grouped by user, one block per modality
-        pattern = user_item_pattern(graph).with_channels(item_content.size(1))
-    if pattern.channels != item_content.size(1):
-        raise ValueError(f"the pattern has {pattern.channels} channels, the content {item_content.size(1)} modalities")
-    # The loop runs on the block pattern (row u*M+m holds user u's items in modality m), so that logits, softmax and
-    # weights stay in its CSR order: each (user, modality) neighbourhood is one contiguous segment, no reordering.
-    block, (num_users, num_modalities, dim) = pattern.block, prototypes.shape
-    items = item_content.reshape(-1, dim)  # [I*M, d], row i*M+m
-    segments = block.rowptr.long()
+    if pattern is None:  # A[u, i]: the E item -> user edges, grouped by user
+        pattern = user_item_pattern(graph)
+    # Logits and weights are [M, E], flattened: each (modality, user) neighbourhood is one contiguous segment.
+    segments = _stacked_rowptr(pattern.rowptr, item_content.size(0))
+    # One view for the whole loop, so that its gradients are summed before they meet the content's other uses (the
+    # summation order of the results pinned in tests/test_perf.py).
+    items = item_content.view(item_content.shape)
     for _ in range(iterations):
-        logits = sddmm(block, prototypes.reshape(-1, dim), items)  # [E*M]: i_m . u_(t-1) per edge and modality
-        p = segment_softmax(logits, segments)
-        pulled = spmm(block, p, items).view(num_users, num_modalities, dim)
+        logits = sddmm(pattern, prototypes, items)  # [M, E]: i_m . u_(t-1) per modality and edge
+        p = segment_softmax(logits.view(-1), segments).view_as(logits)
+        pulled = spmm(pattern, p, items)  # [M, U, d]
         prototypes = l2_normalize(prototypes + pulled)
     return prototypes
 
 
+def _stacked_rowptr(rowptr: Tensor, copies: int) -> Tensor:
+    """The row pointer of ``copies`` row blocks of a CSR pattern laid one after another (``[copies * R + 1]``)."""
+    rowptr = rowptr.long()
+    nnz = rowptr[-1:]
+    offsets = torch.arange(copies, device=rowptr.device).unsqueeze(1) * nnz
+    return torch.cat([(rowptr[:-1].unsqueeze(0) + offsets).flatten(), copies * nnz])
+
+
 def affinities(
-    user_prototypes: Tensor, item_content: Tensor, graph: InteractionGraph, *, pattern: ChannelPattern | None = None
+    user_prototypes: Tensor, item_content: Tensor, graph: InteractionGraph, *, pattern: CSRPattern | None = None
 ) -> Tensor:
     r"""Per-modality affinity of every directed edge, softmax-normalised over the receiver's neighbourhood (Eq. 5).
 
@@ -136,21 +147,22 @@ def affinities(
     training pair and copied to the reverse edge.
 
     Args:
-        user_prototypes: ``[U, M, d]`` :math:`\bar{\mathbf{u}}_m` (Eqs. 2-4).
-        item_content: ``[I, M, d]`` :math:`\bar{\mathbf{i}}_m` (Eq. 1).
+        user_prototypes: ``[M, U, d]`` :math:`\bar{\mathbf{u}}_m` (Eqs. 2-4).
+        item_content: ``[M, I, d]`` :math:`\bar{\mathbf{i}}_m` (Eq. 1).
         graph: the training graph.
-        pattern: ``user_item_pattern(graph).with_channels(M)``, when the caller already built it.
+        pattern: ``user_item_pattern(graph)``, when the caller already has it.
 
     Returns:
-        ``[2E, M]`` scores in the graph's edge order; the score of edge ``e`` is the one its receiver
+        ``[M, 2E]`` scores in the graph's edge order; the score of edge ``e`` is the one its receiver
         ``edge_index[1, e]`` assigns, so each node's incoming scores sum to 1 per modality.
     """
     if pattern is None:
-        pattern = user_item_pattern(graph).with_channels(item_content.size(1))
-    pair_logits = sddmm(pattern, user_prototypes, item_content)  # [E, M] in the order of the first E edges
+        pattern = user_item_pattern(graph)
+    pair_logits = sddmm(pattern, user_prototypes, item_content)  # [M, E] in the order of the first E edges
     # The last E edges (into items) are the reverses of the first E: reverse_edge points back into the first half.
-    logits = torch.cat([pair_logits, pair_logits.index_select(0, graph.reverse_edge[pattern.base.nnz :])])
-    return segment_softmax(logits, graph.rowptr)
+    logits = torch.cat([pair_logits, pair_logits.index_select(1, graph.reverse_edge[pattern.nnz :])], dim=1)
+    segments = _stacked_rowptr(graph.rowptr, logits.size(0))
+    return segment_softmax(logits.view(-1), segments).view_as(logits)
 
 
 def fuse(scores: Tensor, fusion: Fusion = "max_base", confidence: Tensor | None = None) -> Tensor:
@@ -164,9 +176,9 @@ def fuse(scores: Tensor, fusion: Fusion = "max_base", confidence: Tensor | None 
     modalities, both without base vectors (GRCN_max and GRCN_mean of Table 3, Section 2.2.1).
 
     Args:
-        scores: ``[2E, M]`` per-modality affinities (Eq. 5).
+        scores: ``[M, 2E]`` per-modality affinities (Eq. 5).
         fusion: ``"max_base"``, ``"max"`` or ``"mean"``.
-        confidence: ``[2E, M]`` base-vector row used for each edge; required for ``"max_base"`` only.
+        confidence: ``[M, 2E]``: the base-vector entries used for each edge; required for ``"max_base"`` only.
 
     Returns:
         ``[2E]`` fused weights; under ``"max_base"`` they may be negative (soft pruning can invert a message).
@@ -174,11 +186,11 @@ def fuse(scores: Tensor, fusion: Fusion = "max_base", confidence: Tensor | None 
     if fusion == "max_base":
         if confidence is None:
             raise ValueError('fusion="max_base" needs the base vectors (confidence) of each edge')
-        return (confidence * scores).amax(dim=-1)
+        return (confidence * scores).amax(dim=0)
     if fusion == "max":
-        return scores.amax(dim=-1)
+        return scores.amax(dim=0)
     if fusion == "mean":
-        return scores.mean(dim=-1)
+        return scores.mean(dim=0)
     raise ValueError(f"unknown fusion {fusion!r}; expected 'max_base', 'max' or 'mean'")
 
 
@@ -198,18 +210,17 @@ class RefinedPropagation(MessagePassing):
         \mathbf{x}'_v = \sum_{w \in \mathcal{N}(v)} s_{v \leftarrow w}\, \mathbf{x}_w
 
     The weight of edge ``e`` is applied by its receiver ``edge_index[1, e]``. Weights may be per edge (``[2E]``,
-    the fused weights of Eq. 7) or per edge and modality (``[2E, M]`` with node features ``[N, M, d]``, for the
+    the fused weights of Eq. 7) or per modality and edge (``[M, 2E]`` with node features ``[M, N, d]``, for the
     release's one-hop content readout).
 
-    Given the graph's CSR pattern (``pattern=graph_pattern(graph)``, whose entries are the graph's edges in order;
-    ``graph_pattern(graph).with_channels(M)`` for ``[2E, M]`` weights), the hop runs as a sparse-dense product
-    (:func:`~.sparse.spmm`, the fast path); without it, as PyG's gather and scatter over ``edge_index`` (the
-    reference path, any edge order).
+    Given the graph's CSR pattern (``pattern=graph_pattern(graph)``, whose entries are the graph's edges in order),
+    the hop runs as a sparse-dense product (:func:`~.sparse.spmm`, the fast path); without it, as PyG's gather and
+    scatter over ``edge_index`` (the reference path, any edge order; one pass per modality).
 
     Shapes:
-        - **input:** node features ``[N, d]`` or ``[N, M, d]``, edge index ``[2, 2E]``, edge weights ``[2E]`` or
-          ``[2E, M]``.
-        - **output:** ``[N, d]`` or ``[N, M, d]``.
+        - **input:** node features ``[N, d]`` or ``[M, N, d]``, edge index ``[2, 2E]``, edge weights ``[2E]`` or
+          ``[M, 2E]``.
+        - **output:** ``[N, d]`` or ``[M, N, d]``.
     """
 
     def __init__(self) -> None:
@@ -221,18 +232,19 @@ class RefinedPropagation(MessagePassing):
         edge_index: Tensor,
         edge_weight: Tensor,
         *,
-        pattern: CSRPattern | ChannelPattern | None = None,
+        pattern: CSRPattern | None = None,
     ) -> Tensor:
+        num_nodes = x.size(-2)
         if pattern is not None:
-            base = pattern.base if isinstance(pattern, ChannelPattern) else pattern
-            if base.nnz != edge_index.size(1) or base.num_rows != x.size(0):
+            if pattern.nnz != edge_index.size(1) or pattern.num_rows != num_nodes:
                 raise ValueError(
-                    f"the pattern has {base.nnz} entries over {base.num_rows} nodes; got {edge_index.size(1)} "
-                    f"edges and {x.size(0)} nodes"
+                    f"the pattern has {pattern.nnz} entries over {pattern.num_rows} nodes; got {edge_index.size(1)} "
+                    f"edges and {num_nodes} nodes"
                 )
             return spmm(pattern, edge_weight, x)
-        return self.propagate(edge_index, x=x, edge_weight=edge_weight, size=(x.size(0), x.size(0)))
+        if x.dim() == 3:
+            return torch.stack([self(x_m, edge_index, w_m) for x_m, w_m in zip(x, edge_weight, strict=True)])
+        return self.propagate(edge_index, x=x, edge_weight=edge_weight, size=(num_nodes, num_nodes))
 
     def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
-        # Broadcast [2E] or [2E, M] weights over the trailing feature dimension(s).
-        return edge_weight.reshape(edge_weight.shape + (1,) * (x_j.dim() - edge_weight.dim())) * x_j
+        return edge_weight.unsqueeze(-1) * x_j
