@@ -27,6 +27,7 @@ from grcn_bench.datasets import load_dataset
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from grcn_bench.models import get_model, register_model, unregister_model
 from grcn_bench.models.base import Embeddings, Recommender
+from grcn_bench.models.layers import sparse
 from grcn_bench.models.layers.edge_ops import stack_pattern
 from grcn_bench.models.layers.refine import RefinedPropagation, l2_normalize
 from grcn_bench.models.layers.sparse import (
@@ -164,7 +165,10 @@ def gather_sddmm(pattern, a, b):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 @pytest.mark.parametrize("channels", [None, 3])
-def test_spmm_and_sddmm_match_gather_scatter_in_values_and_gradients(name, channels):
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per-channel"])
+def test_spmm_and_sddmm_match_gather_scatter_in_values_and_gradients(name, channels, stacked, monkeypatch):
+    # Small operands run as one product over the channels' stacked pattern, large ones one product per channel.
+    monkeypatch.setattr(sparse, "STACK_BELOW_BYTES", 1 << 30 if stacked else 0)
     pattern = PATTERNS[name]()
     gen = torch.Generator().manual_seed(0)
     extra = () if channels is None else (channels,)
@@ -186,7 +190,9 @@ def test_spmm_and_sddmm_match_gather_scatter_in_values_and_gradients(name, chann
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 @pytest.mark.parametrize("channels", [None, 2])
-def test_custom_autograd_functions_pass_gradcheck_in_float64(name, channels):
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per-channel"])
+def test_custom_autograd_functions_pass_gradcheck_in_float64(name, channels, stacked, monkeypatch):
+    monkeypatch.setattr(sparse, "STACK_BELOW_BYTES", 1 << 30 if stacked else 0)
     pattern = PATTERNS[name]()
     gen = torch.Generator().manual_seed(1)
     extra = () if channels is None else (channels,)
@@ -226,6 +232,19 @@ def test_l2_normalize_is_f_normalize_with_a_fused_backward():
     torch.testing.assert_close(leaf_fast.grad, leaf_ref.grad)
     double = torch.randn(4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(l2_normalize, (double,))
+
+
+def test_stacked_and_per_channel_products_agree_bit_for_bit(monkeypatch):
+    pattern = user_item_pattern(small_graph())
+    gen = torch.Generator().manual_seed(6)
+    values = torch.randn(3, pattern.nnz, generator=gen)
+    x, a = torch.randn(3, pattern.num_cols, 4, generator=gen), torch.randn(3, pattern.num_rows, 4, generator=gen)
+    outputs = []
+    for stack_below in (1 << 30, 0):
+        monkeypatch.setattr(sparse, "STACK_BELOW_BYTES", stack_below)
+        outputs.append((spmm(pattern, values, x), sddmm(pattern, a, x)))
+    for stacked, per_channel in zip(*outputs, strict=True):
+        assert torch.equal(stacked, per_channel)
 
 
 def test_pattern_transpose():
