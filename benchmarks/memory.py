@@ -32,16 +32,29 @@ def keep_freed_memory() -> bool:
     """Serve every allocation of this process from ``malloc``'s heap and keep up to 2 GiB of freed memory there.
 
     Called by the command line, by each executor worker and by each ``perf`` cell before they train; a library user can
-    call it too. Peak resident memory stays what the largest step needs (``perf`` reports it). Returns whether the
-    setting took effect: ``False`` off glibc (other C libraries have no ``mallopt``) or when ``GRCN_BENCH_MALLOC`` is
-    ``system``.
+    call it too. Peak resident memory can grow where the heap fragments (``perf`` reports it; MMGCN's is the largest).
+    Returns whether the setting took effect: ``False`` off glibc (other C libraries have no ``mallopt``) or when
+    ``GRCN_BENCH_MALLOC`` is ``system``.
     """
-    if os.environ.get(ENV_VARIABLE, "").lower() == "system" or not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
+    # mallopt returns 1 on success, 0 on error.
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def can_keep_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` applies in this process (glibc, and not opted out); changes nothing."""
+    return _mallopt() is not None
+
+
+def _mallopt():
+    """glibc's ``mallopt`` as a ctypes function, or ``None`` off Linux, off glibc or when opted out."""
+    if os.environ.get(ENV_VARIABLE, "").lower() == "system" or not sys.platform.startswith("linux"):
+        return None
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success, 0 on error.
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return mallopt

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .memory import keep_freed_memory
+from .memory import can_keep_freed_memory, keep_freed_memory
 
 DEFAULT_DATASETS = ("synthetic:tiktok?scale=full", "synthetic:movielens?scale=full")
 DEFAULT_OUT = Path("results") / "perf.json"
@@ -194,7 +194,7 @@ def machine_description(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device,
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
-        "keep_freed_memory": keep_freed_memory(),  # every cell's process sets it the same way
+        "keep_freed_memory": can_keep_freed_memory(),  # every cell's process sets it (memory.py)
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         described["gpu"] = torch.cuda.get_device_name(torch.device(device))

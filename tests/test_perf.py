@@ -520,6 +520,7 @@ def test_keep_freed_memory_sets_glibcs_heap_options(monkeypatch):
     monkeypatch.setattr(memory.sys, "platform", "linux")
     monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: libc)
     monkeypatch.delenv(memory.ENV_VARIABLE, raising=False)
+    assert memory.can_keep_freed_memory() is True and libc.calls == []  # asking changes nothing
     assert memory.keep_freed_memory() is True
     # No mmap for large blocks (they come from the heap), and freed memory stays in the heap up to 2 GiB.
     assert libc.calls == [(-4, 0), (-1, 2**31 - 1)]
@@ -527,6 +528,7 @@ def test_keep_freed_memory_sets_glibcs_heap_options(monkeypatch):
     libc.calls.clear()
     monkeypatch.setenv(memory.ENV_VARIABLE, "system")
     assert memory.keep_freed_memory() is False and libc.calls == []  # the opt-out leaves malloc alone
+    assert memory.can_keep_freed_memory() is False
 
     monkeypatch.delenv(memory.ENV_VARIABLE)
     failing = _FakeLibc(answer=0)
@@ -576,3 +578,39 @@ def test_bpr_pair_scores_equal_two_gathers_bit_for_bit():
     for got, want in zip(grads_fused, grads_separate, strict=True):
         assert torch.equal(got, want)
     assert not torch.equal(grads_fused[1][6], torch.zeros(7))  # a negative-only row does get its gradient
+
+
+@pytest.mark.parametrize("computed", [True, False], ids=["computed-outputs", "parameter-outputs"])
+def test_the_loss_sums_gradients_as_two_separate_gathers_would(computed):
+    """``Recommender.loss`` takes the one-buffer path for computed outputs and keeps two gathers where the outputs are
+    the parameters themselves (BPR-MF): either way, bit for bit the gradients of the plain two-call loss."""
+    from grcn_bench.models.losses import bpr_loss, ego_l2
+
+    dataset = load_dataset("synthetic:tiny")
+    users = torch.tensor([0, 3, 3, 1, 3, 2])  # repeated users and items: the order of the sums matters
+    pos, neg = torch.tensor([4, 4, 1, 0, 2, 4]), torch.tensor([1, 6, 1, 6, 3, 6])
+    grads = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = MF(dataset.info(), embedding_dim=8)
+        emb = model(dataset.graph())
+        if computed:
+            emb = Embeddings(emb.user * 1.5, emb.item * 1.5)
+        if fused:
+            loss = model.loss(emb, users, pos, neg, 0.1)
+        else:
+            plain = (model.pair_score(emb, users, pos), model.pair_score(emb, users, neg))
+            loss = bpr_loss(*plain) + 0.1 * ego_l2(model.ego_parameters(users, pos, neg))
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for got, want in zip(*grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_stacked_rowptr_and_indices_by_hand():
+    from grcn_bench.models.layers.sparse import stacked_indices, stacked_rowptr
+
+    rowptr, col = torch.tensor([0, 2, 2, 3]), torch.tensor([1, 0, 1])  # 3 rows (one empty), 2 columns
+    assert stacked_rowptr(rowptr, 2).tolist() == [0, 2, 2, 3, 5, 5, 6]
+    ptr, cols = stacked_indices(rowptr.int(), col.int(), 2, num_cols=2)
+    assert ptr.tolist() == [0, 2, 2, 3, 5, 5, 6] and cols.tolist() == [1, 0, 1, 3, 2, 3]
+    assert ptr.dtype == cols.dtype == torch.int32

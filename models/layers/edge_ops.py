@@ -28,7 +28,7 @@ from torch_geometric.nn import GATConv, SAGEConv
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import CSRPattern, graph_pattern, spmm
+from .sparse import CSRPattern, graph_pattern, spmm, stacked_indices
 
 
 def mean_aggregate(pattern: CSRPattern, x: Tensor, degree: Tensor) -> Tensor:
@@ -263,11 +263,7 @@ def stack_pattern(pattern: CSRPattern, copies: int) -> CSRPattern:
     index_dtype = torch.int32 if fits else torch.long
 
     def stacked(ptr: Tensor, col: Tensor, num_cols: int) -> tuple[Tensor, Tensor]:
-        copy = torch.arange(copies, dtype=index_dtype, device=ptr.device).unsqueeze(1)
-        new_ptr = torch.empty(copies * (ptr.numel() - 1) + 1, dtype=index_dtype, device=ptr.device)
-        torch.add(ptr[:-1].to(index_dtype).unsqueeze(0), copy * nnz, out=new_ptr[:-1].view(copies, -1))
-        new_ptr[-1] = copies * nnz
-        return new_ptr, (col.to(index_dtype).unsqueeze(0) + copy * num_cols).view(-1)
+        return stacked_indices(ptr.to(index_dtype), col.to(index_dtype), copies, num_cols)
 
     rowptr, col = stacked(pattern.rowptr, pattern.col, cols)
     if pattern.t_rowptr is pattern.rowptr and pattern.t_col is pattern.col:  # symmetric structure (graph_pattern)

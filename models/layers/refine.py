@@ -37,7 +37,7 @@ from torch_geometric.nn import MessagePassing
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import CSRPattern, sddmm, segment_softmax, spmm, user_item_pattern
+from .sparse import CSRPattern, sddmm, segment_softmax, spmm, stacked_rowptr, user_item_pattern
 
 Fusion = Literal["max_base", "max", "mean"]
 Pruning = Literal["soft", "hard"]
@@ -112,7 +112,7 @@ def route_prototypes(
     if pattern is None:  # A[u, i]: the E item -> user edges, grouped by user
         pattern = user_item_pattern(graph)
     # Logits and weights are [M, E], flattened: each (modality, user) neighbourhood is one contiguous segment.
-    segments = _stacked_rowptr(pattern.rowptr, item_content.size(0))
+    segments = stacked_rowptr(pattern.rowptr.long(), item_content.size(0))  # int64: M * E may pass 2**31
     # One view for the whole loop, so that its gradients are summed before they meet the content's other uses (the
     # summation order of the results pinned in tests/test_perf.py).
     items = item_content.view(item_content.shape)
@@ -122,14 +122,6 @@ def route_prototypes(
         pulled = spmm(pattern, p, items)  # [M, U, d]
         prototypes = l2_normalize(prototypes + pulled)
     return prototypes
-
-
-def _stacked_rowptr(rowptr: Tensor, copies: int) -> Tensor:
-    """The row pointer of ``copies`` row blocks of a CSR pattern laid one after another (``[copies * R + 1]``)."""
-    rowptr = rowptr.long()
-    nnz = rowptr[-1:]
-    offsets = torch.arange(copies, device=rowptr.device).unsqueeze(1) * nnz
-    return torch.cat([(rowptr[:-1].unsqueeze(0) + offsets).flatten(), copies * nnz])
 
 
 def affinities(
@@ -161,7 +153,7 @@ def affinities(
     pair_logits = sddmm(pattern, user_prototypes, item_content)  # [M, E] in the order of the first E edges
     # The last E edges (into items) are the reverses of the first E: reverse_edge points back into the first half.
     logits = torch.cat([pair_logits, pair_logits.index_select(1, graph.reverse_edge[pattern.nnz :])], dim=1)
-    segments = _stacked_rowptr(graph.rowptr, logits.size(0))
+    segments = stacked_rowptr(graph.rowptr, logits.size(0))
     return segment_softmax(logits.view(-1), segments).view_as(logits)
 
 

@@ -49,13 +49,17 @@ attention, x)`` instead of PyG's gather and scatter; heads or channels are the l
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CSRPattern", "graph_pattern", "sddmm", "segment_softmax", "spmm", "user_item_pattern"]
+__all__ = [
+    "CSRPattern", "graph_pattern", "sddmm", "segment_softmax", "spmm", "stacked_indices", "stacked_rowptr",
+    "user_item_pattern",
+]
 
 #: Channel-major operands smaller than this run as one product over the channels' stacked pattern, larger ones as one
 #: product per channel (:func:`_stack_channels`).
@@ -180,7 +184,7 @@ def _spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: 
     the result). MKL's product never reads the output when ``beta=0`` (a test checks it), so on that path the output
     needs no zero fill."""
     if x.dim() == 3 and _stack_channels(x, col.numel()):
-        ptr, cols = _stacked_indices(rowptr, col, x.size(0), x.size(1))
+        ptr, cols = stacked_indices(rowptr, col, x.size(0), x.size(1))
         out = _spmm_raw(ptr, cols, values.reshape(-1), x.reshape(-1, x.size(2)), x.size(0) * num_rows)
         return out.view(x.size(0), num_rows, x.size(2))
     shape = (*values.shape[:-1], num_rows, x.size(-1))
@@ -198,16 +202,23 @@ def _stack_channels(x: Tensor, nnz: int) -> bool:
     return x.numel() * x.element_size() < STACK_BELOW_BYTES and x.size(0) * nnz < 2**31
 
 
-def _stacked_indices(rowptr: Tensor, col: Tensor, copies: int, num_cols: int) -> tuple[Tensor, Tensor]:
-    """CSR ``(rowptr, col)`` of ``copies`` copies of a pattern down the diagonal, copy ``m`` at rows ``m*R..`` and
-    columns ``m*C..`` (:func:`~.edge_ops.stack_pattern` without the transpose)."""
-    nnz = col.numel()
-    offset = torch.arange(copies, dtype=rowptr.dtype, device=rowptr.device).unsqueeze(1)
-    ptr = torch.cat([(rowptr[:-1].unsqueeze(0) + offset * nnz).flatten(), rowptr[-1:] * copies])
-    return ptr, (col.unsqueeze(0) + offset * num_cols).flatten()
+def stacked_rowptr(rowptr: Tensor, copies: int) -> Tensor:
+    """The row pointer of ``copies`` copies of a CSR pattern's rows, one after another (``[copies * R + 1]``, in
+    ``rowptr``'s dtype): copy ``m``'s entries start at ``m * nnz``. Also the segment pointer of a ``[copies, nnz]``
+    tensor of per-entry values, flattened."""
+    offset = torch.arange(copies, dtype=rowptr.dtype, device=rowptr.device).unsqueeze(1) * rowptr[-1]
+    return torch.cat([(rowptr[:-1].unsqueeze(0) + offset).flatten(), rowptr[-1:] * copies])
 
 
-def _per_channel(*tensors: Tensor):
+def stacked_indices(rowptr: Tensor, col: Tensor, copies: int, num_cols: int) -> tuple[Tensor, Tensor]:
+    """CSR ``(rowptr, col)`` of ``copies`` copies of a pattern down the diagonal: copy ``m`` at rows ``m*R..``,
+    columns ``m*C..`` and entries ``m*nnz..``, in ``rowptr``'s and ``col``'s dtypes (:func:`~.edge_ops.stack_pattern`
+    adds the transpose)."""
+    offset = torch.arange(copies, dtype=col.dtype, device=col.device).unsqueeze(1) * num_cols
+    return stacked_rowptr(rowptr, copies), (col.unsqueeze(0) + offset).flatten()
+
+
+def _per_channel(*tensors: Tensor) -> Iterable[tuple[Tensor, ...]]:
     """``(t_0[m], t_1[m], ...)`` for every channel ``m`` when the last tensor is channel-major (3-d), else the
     tensors themselves once."""
     return zip(*tensors, strict=True) if tensors[-1].dim() == 3 else (tensors,)
@@ -229,7 +240,7 @@ def _sddmm_raw(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
     gathering rows, written into the values of a CSR matrix (without ``out`` the kernel clones its input's values and
     indices first)."""
     if b.dim() == 3 and _stack_channels(b, col.numel()):
-        ptr, cols = _stacked_indices(rowptr, col, b.size(0), b.size(1))
+        ptr, cols = stacked_indices(rowptr, col, b.size(0), b.size(1))
         width = b.size(2)
         return _sddmm_raw(ptr, cols, a.reshape(-1, width), b.reshape(-1, width)).view(b.size(0), -1)
     products = []
