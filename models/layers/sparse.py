@@ -175,6 +175,8 @@ def user_item_pattern(graph) -> CSRPattern:
 def _csr(rowptr: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # torch flags CSR support as beta, once per process; the API used here is stable
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        # Some torch versions (2.11) warn even though the skip is asked for: the patterns are built valid, once.
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(rowptr, col, values, size, check_invariants=False)
 
 
