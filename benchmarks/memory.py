@@ -10,7 +10,7 @@ step. Results are unchanged (the same arithmetic on the same values); only where
 Measured on 2 cores at Tiktok scale (medians of alternating runs): a GRCN batch took 2.4-2.7 s with it, 3.0-3.5 s
 without. PyTorch's transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, which the command line sets) still pay on top
 of it (GRCN 2.0 / 2.5 s with them, 3.0 / 3.4 s without: the sparse products gather rows from tens of megabytes), at
-the price of a more fragmented heap (MMGCN's peak RSS 3.3-3.4 GB instead of 2.6-2.7 GB).
+the price of a more fragmented heap (MMGCN's peak RSS 3.3-3.9 GB instead of 2.6-2.9 GB).
 """
 
 from __future__ import annotations
