@@ -42,6 +42,7 @@ import torch
 from .memory import can_keep_freed_memory, keep_freed_memory
 
 DEFAULT_DATASETS = ("synthetic:tiktok?scale=full", "synthetic:movielens?scale=full")
+KERNEL_CHOICES = ("native", "torch")
 DEFAULT_OUT = Path("results") / "perf.json"
 PHASES = ("forward", "score", "mask", "rank", "metrics")
 
@@ -63,6 +64,8 @@ class PerfSettings:
         subprocess: run each cell in a fresh spawned process (per-cell peak memory); ``False`` runs them here.
         reference_size: side of the square matmuls that measure the machine's dense rate (2048).
         reference_megabytes: size of the buffer whose copy measures memory bandwidth (256).
+        kernels: the sparse kernels to measure each cell with, ``native`` and/or ``torch``
+            (:mod:`grcn_bench.models.layers.native`): both measure them side by side, cell after cell.
     """
 
     models: tuple[str, ...] = ()
@@ -77,6 +80,7 @@ class PerfSettings:
     subprocess: bool = True
     reference_size: int = 2048
     reference_megabytes: int = 256
+    kernels: tuple[str, ...] = ("native",)
 
     def __post_init__(self) -> None:
         if self.batches < 1 or self.warmup < 0 or self.batch_size < 1:
@@ -84,6 +88,8 @@ class PerfSettings:
                              f"{self.batch_size}")
         if not self.datasets:
             raise ValueError("no dataset to measure")
+        if not self.kernels or set(self.kernels) - set(KERNEL_CHOICES):
+            raise ValueError(f"kernels must be among {KERNEL_CHOICES}, got {self.kernels}")
 
 
 @dataclass
@@ -92,6 +98,8 @@ class CellTiming:
 
     model: str
     dataset: str
+    kernels: str = "native"
+    kernel_status: str = ""
     status: str = "ok"
     error: str | None = None
     num_parameters: int = 0
@@ -210,16 +218,26 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def measure_cell(model_name: str, dataset: Any, spec: str, settings: PerfSettings) -> CellTiming:
-    """Train ``settings.warmup + settings.batches`` batches of ``model_name`` on ``dataset`` and evaluate it once."""
+def measure_cell(model_name: str, dataset: Any, spec: str, settings: PerfSettings, kernels: str = "native"
+                 ) -> CellTiming:
+    """Train ``settings.warmup + settings.batches`` batches of ``model_name`` on ``dataset`` and evaluate it once,
+    with the ``kernels`` sparse kernels (``native`` falls back to torch's where they cannot run: ``kernel_status``)."""
+    from grcn_bench.models.layers.native import use_kernels
+
+    with use_kernels(kernels):
+        return _measure(model_name, dataset, spec, settings, kernels)
+
+
+def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, kernels: str) -> CellTiming:
     from grcn_bench.models import get_model
+    from grcn_bench.models.layers.native import kernel_status
 
     from .config import TrainSettings
     from .evaluator import compute_embeddings, evaluate
     from .trainer import _train_epoch, epoch_triplets, seed_everything
 
     device = torch.device(settings.device)
-    result = CellTiming(model=model_name, dataset=spec)
+    result = CellTiming(model=model_name, dataset=spec, kernels=kernels, kernel_status=kernel_status())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -243,7 +261,8 @@ def measure_cell(model_name: str, dataset: Any, spec: str, settings: PerfSetting
             seconds = time.perf_counter() - started
             if step >= settings.warmup:
                 result.train_batch_seconds.append(seconds)
-            _progress(f"{model_name} on {spec}: batch {step + 1}/{needed} {seconds:.3f} s (loss {loss:.4f})")
+            _progress(f"{model_name} on {spec} ({kernels}): batch {step + 1}/{needed} {seconds:.3f} s "
+                      f"(loss {loss:.4f})")
         result.train_batches = len(result.train_batch_seconds)
         result.train_batch_median = statistics.median(result.train_batch_seconds)
 
@@ -284,12 +303,13 @@ def _progress(message: str) -> None:
     print(f"[perf] {message}", file=sys.stderr, flush=True)
 
 
-def _cell_in_child(model_name: str, dataset: Any, spec: str, settings: PerfSettings, threads: int) -> dict[str, Any]:
+def _cell_in_child(model_name: str, dataset: Any, spec: str, settings: PerfSettings, threads: int, kernels: str
+                   ) -> dict[str, Any]:
     """Entry point of a spawned worker: same threads as the parent, then one measured cell."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     keep_freed_memory()
     torch.set_num_threads(threads)
-    return asdict(measure_cell(model_name, dataset, spec, settings))
+    return asdict(measure_cell(model_name, dataset, spec, settings, kernels))
 
 
 # ------------------------------------------------------------------------------------------------------- the command
@@ -319,19 +339,20 @@ def run_perf(settings: PerfSettings, *, dataset_loader: Callable[[str], Any] | N
         started = time.perf_counter()
         dataset = loader(spec)
         load_seconds = time.perf_counter() - started
-        for name in models:
-            _progress(f"{name} on {spec}")
+        for name, kernels in ((name, kernels) for name in models for kernels in settings.kernels):
+            _progress(f"{name} on {spec} ({kernels} kernels)")
             if settings.subprocess:
                 # One fresh process per cell: its peak memory is its own. A crash is recorded, the run goes on.
                 with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                    future = pool.submit(_cell_in_child, name, dataset, spec, settings, torch.get_num_threads())
+                    future = pool.submit(_cell_in_child, name, dataset, spec, settings, torch.get_num_threads(),
+                                         kernels)
                     try:
                         cell = future.result()
                     except Exception as err:
-                        cell = asdict(CellTiming(model=name, dataset=spec, status="failed",
+                        cell = asdict(CellTiming(model=name, dataset=spec, kernels=kernels, status="failed",
                                                  error=f"worker died: {type(err).__name__}: {err}"))
             else:
-                cell = asdict(measure_cell(name, dataset, spec, settings))
+                cell = asdict(measure_cell(name, dataset, spec, settings, kernels))
             cell["load_seconds"] = load_seconds
             cells.append(cell)
         del dataset
@@ -346,18 +367,19 @@ def perf_table(report: dict[str, Any]) -> str:
     from tabulate import tabulate
 
     cuda = torch.device(report["settings"]["device"]).type == "cuda"
-    headers = ["model", "dataset", "train s/batch", "eval s", "score GFLOP/s", "% of matmul", "peak RSS GB"]
+    compared = len(report["settings"].get("kernels", ())) > 1  # a side-by-side run: say which kernels each row used
+    headers = ["model", "dataset", *(["kernels"] if compared else []), "train s/batch", "eval s", "score GFLOP/s",
+               "% of matmul", "peak RSS GB"]
     if cuda:
         headers.append("peak GPU GB")
     rows = []
     for cell in report["cells"]:
+        first = [cell["model"], _short(cell["dataset"]), *([cell.get("kernels", "")] if compared else [])]
         if cell["status"] != "ok":
-            rows.append([cell["model"], _short(cell["dataset"]), "failed", cell.get("error", ""), "", "", ""]
-                        + ([""] if cuda else []))
+            rows.append([*first, "failed", cell.get("error", ""), "", "", ""] + ([""] if cuda else []))
             continue
         row = [
-            cell["model"],
-            _short(cell["dataset"]),
+            *first,
             f"{cell['train_batch_median']:.3f}",
             f"{cell['eval_seconds']:.2f}",
             _fmt(cell["scoring_gflops"], ".0f"),
@@ -408,6 +430,9 @@ def add_perf_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         help="side of the square matmuls that measure the machine's dense rate (default 2048)")
     parser.add_argument("--reference-mb", type=int, default=256,
                         help="megabytes copied to measure memory bandwidth (default 256)")
+    parser.add_argument("--kernels", nargs="+", choices=KERNEL_CHOICES, default=["native"],
+                        help="sparse kernels to measure with: native (compiled, falls back to torch's where they "
+                             "cannot run) and/or torch; both: side by side, cell after cell (default native)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every cell in this process (faster to start; peak memory then accumulates)")
     return parser
@@ -430,6 +455,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
         subprocess=not args.in_process,
         reference_size=args.reference_size,
         reference_megabytes=args.reference_mb,
+        kernels=tuple(dict.fromkeys(args.kernels)),
     )
     report = run_perf(settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 
 import numpy as np
@@ -29,6 +30,7 @@ from grcn_bench.models import get_model, register_model, unregister_model
 from grcn_bench.models.base import Embeddings, Recommender
 from grcn_bench.models.layers import sparse
 from grcn_bench.models.layers.edge_ops import stack_pattern
+from grcn_bench.models.layers.native import kernel_status as native_status
 from grcn_bench.models.layers.refine import RefinedPropagation, l2_normalize
 from grcn_bench.models.layers.sparse import (
     CSRPattern,
@@ -457,6 +459,21 @@ def test_perf_in_process_reports_every_cell_and_records_failures(broken_model, t
     table = perf.perf_table(report)
     assert "| mf" in table and "| grcn" in table and "failed" in table
     assert "matmul_gflops_numpy" in perf.references_table(report)
+
+
+def test_perf_measures_both_kernels_side_by_side(monkeypatch):
+    monkeypatch.delenv("GRCN_BENCH_KERNELS", raising=False)
+    settings = perf.PerfSettings(models=("grcn",), datasets=("synthetic:tiny",), batches=1, warmup=0,
+                                 subprocess=False, kernels=("native", "torch"), **SMALL_REFERENCES)
+    report = perf.run_perf(settings)
+    assert [(cell["model"], cell["kernels"], cell["status"]) for cell in report["cells"]] == [
+        ("grcn", "native", "ok"), ("grcn", "torch", "ok")]
+    assert report["cells"][1]["kernel_status"] == "GRCN_BENCH_KERNELS=torch"
+    assert report["cells"][0]["kernel_status"] == native_status()
+    assert "GRCN_BENCH_KERNELS" not in os.environ  # the choice was the cell's only
+    assert "| kernels" in perf.perf_table(report)
+    with pytest.raises(ValueError, match="kernels must be among"):
+        perf.PerfSettings(kernels=("fast",))
 
 
 def test_perf_command_line_writes_json(tmp_path, monkeypatch, capsys):

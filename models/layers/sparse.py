@@ -56,6 +56,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .native import native_kernels, run_sddmm, run_spmm
+
 __all__ = [
     "CSRPattern", "graph_pattern", "sddmm", "segment_softmax", "spmm", "stacked_indices", "stacked_rowptr",
     "user_item_pattern",
@@ -190,10 +192,12 @@ def _spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: 
         out = _spmm_raw(ptr, cols, values.reshape(-1), x.reshape(-1, x.size(2)), x.size(0) * num_rows)
         return out.view(x.size(0), num_rows, x.size(2))
     shape = (*values.shape[:-1], num_rows, x.size(-1))
-    out = x.new_empty(shape) if _mkl_product(x, rowptr) else x.new_zeros(shape)
+    out = x.new_empty(shape) if _writes_every_row(x, rowptr) else x.new_zeros(shape)
     for channel_values, channel_x, channel_out in _per_channel(values, x, out):
-        matrix = _csr(rowptr, col, channel_values.contiguous(), (num_rows, channel_x.size(0)))
-        torch.addmm(channel_out, matrix, channel_x.contiguous(), beta=0.0, out=channel_out)
+        channel_values, channel_x = channel_values.contiguous(), channel_x.contiguous()
+        if not run_spmm(rowptr, col, channel_values, channel_x, channel_out):
+            matrix = _csr(rowptr, col, channel_values, (num_rows, channel_x.size(0)))
+            torch.addmm(channel_out, matrix, channel_x, beta=0.0, out=channel_out)
     return out
 
 
@@ -237,6 +241,13 @@ def _mkl_product(x: Tensor, rowptr: Tensor) -> bool:
     )
 
 
+def _writes_every_row(x: Tensor, rowptr: Tensor) -> bool:
+    """Whether the product of :func:`_spmm_raw` writes every output row itself (MKL's or the compiled kernel), so
+    that the output needs no zero fill."""
+    compiled = native_kernels() is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    return _mkl_product(x, rowptr) or compiled and rowptr.dtype == torch.int32
+
+
 def _sddmm_raw(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``[nnz]`` (or ``[M, nnz]`` for ``a [M, R, d]``, ``b [M, C, d]``): ``a[r_k] . b[col_k]`` per entry without
     gathering rows, written into the values of a CSR matrix (without ``out`` the kernel clones its input's values and
@@ -245,12 +256,15 @@ def _sddmm_raw(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
         ptr, cols = stacked_indices(rowptr, col, b.size(0), b.size(1))
         width = b.size(2)
         return _sddmm_raw(ptr, cols, a.reshape(-1, width), b.reshape(-1, width)).view(b.size(0), -1)
-    products = []
-    for channel_a, channel_b in _per_channel(a, b):
-        out = _csr(rowptr, col, a.new_zeros(col.numel()), (channel_a.size(0), channel_b.size(0)))  # beta=0 reads it
-        torch.sparse.sampled_addmm(out, channel_a.contiguous(), channel_b.contiguous().t(), beta=0.0, out=out)
-        products.append(out.values())
-    return products[0] if a.dim() == 2 else torch.stack(products)
+    products = a.new_empty((*a.shape[:-2], col.numel()))
+    for channel_out, channel_a, channel_b in _per_channel(products, a, b):
+        channel_a, channel_b = channel_a.contiguous(), channel_b.contiguous()
+        if not run_sddmm(rowptr, col, channel_a, channel_b, channel_out):
+            out = _csr(rowptr, col, channel_out.zero_(), (channel_a.size(0), channel_b.size(0)))  # beta=0 reads it
+            torch.sparse.sampled_addmm(out, channel_a, channel_b.t(), beta=0.0, out=out)
+            if out.values().data_ptr() != channel_out.data_ptr():  # torch kept the values tensor so far; if not
+                channel_out.copy_(out.values())
+    return products
 
 
 # ---------------------------------------------------------------------------------------------- autograd functions

@@ -1,0 +1,181 @@
+r"""Compiled CPU kernels for :func:`~.sparse.spmm` and :func:`~.sparse.sddmm`: the same sums, 2.5-3x faster.
+
+On CPU both sparse products spend their time gathering one row of features per stored entry. MKL's CSR product and
+torch's sampled product (the kernels :mod:`.sparse` calls otherwise) wait for each row in turn; ``kernels.c`` asks for
+each row 16 entries ahead. On Tiktok's full-scale patterns (577k user-item entries, 64-d rows) that measured 2.5-3x
+faster for the product, its transpose and the sampled product, on the 1.1 M-entry graph pattern likewise.
+
+They compute the same sums in the same order, so results keep every bit (tests compare against torch and against an
+independent order-exact reference):
+
+- ``spmm``: each output element accumulates the row's entries in storage order, multiplying then adding, as MKL's
+  product does;
+- ``sddmm``: each dot product sums eight lanes over the width, then the halves, pairs and neighbours of the lanes, as
+  torch's AVX2 kernel does (so only widths that are multiples of 8 run here; others go to torch).
+
+The source is built on first use with the system C compiler (``$CC``, else ``cc``) into a cache directory
+(``$GRCN_BENCH_CACHE``, else ``$XDG_CACHE_HOME/grcn-bench`` or ``~/.cache/grcn-bench``), one file per source and
+flags, written atomically so that parallel workers can race to build it; then loaded with :mod:`ctypes` (which
+releases the GIL while a kernel runs). No build step and no new dependency. They run for float32 CPU tensors with
+int32 indices on x86-64 CPUs with AVX2. Anywhere else, when no compiler works, or with ``GRCN_BENCH_KERNELS=torch``,
+:mod:`.sparse` runs torch's kernels; :func:`kernel_status` says which, and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["kernel_status", "native_kernels", "run_sddmm", "run_spmm", "use_kernels"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+#: -ffp-contract=off: a fused multiply-add would round differently from the kernels these replace.
+FLAGS = ("-O3", "-mavx2", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+#: Below this many multiply-adds a product runs on the calling thread: starting a thread costs more than it saves.
+THREADED_ABOVE = 1 << 16
+ENV_SWITCH = "GRCN_BENCH_KERNELS"
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (see the module docstring)."""
+    if os.environ.get("GRCN_BENCH_CACHE"):
+        return Path(os.environ["GRCN_BENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "grcn-bench"
+
+
+def _unavailable_reason() -> str | None:
+    choice = os.environ.get(ENV_SWITCH, "native").strip().lower()
+    if choice not in ("native", "torch"):
+        raise ValueError(f"{ENV_SWITCH} must be 'native' or 'torch', got {os.environ[ENV_SWITCH]!r}")
+    if choice == "torch":
+        return f"{ENV_SWITCH}=torch"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()})"
+    return None
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=target.stem, suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(scratch, target)  # atomic: a concurrent builder's file is as good as ours
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    reason = _unavailable_reason()
+    if reason is not None:
+        return None, reason
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler found (set CC)"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{platform.machine()}-{digest}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        log.warning("grcn-bench: compiled sparse kernels unavailable, using torch's (%s)", detail.strip()[:500])
+        return None, f"build failed: {detail.strip()[:200]}"
+    arguments = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    for name in ("grcn_bench_spmm_f32", "grcn_bench_sddmm_f32"):
+        getattr(library, name).argtypes = arguments
+        getattr(library, name).restype = None
+    return library, f"native ({target})"
+
+
+def native_kernels() -> ctypes.CDLL | None:
+    """The loaded kernels, built first if needed, or ``None`` when torch's kernels run (:func:`kernel_status`)."""
+    return _load()[0]
+
+
+def kernel_status() -> str:
+    """``"native (<path of the library>)"``, or why torch's kernels run instead."""
+    return _load()[1]
+
+
+@contextlib.contextmanager
+def use_kernels(choice: str) -> Iterator[None]:
+    """Run the block with ``"native"`` (where they can run) or ``"torch"`` kernels, through ``GRCN_BENCH_KERNELS``
+    (which child processes inherit); the previous choice is restored after it."""
+    if choice not in ("native", "torch"):
+        raise ValueError(f"kernels must be 'native' or 'torch', got {choice!r}")
+    previous = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = choice
+    _load.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = previous
+        _load.cache_clear()
+
+
+def _eligible(rowptr: Tensor, col: Tensor, *floats: Tensor) -> bool:
+    return (
+        rowptr.dtype == torch.int32 and col.dtype == torch.int32
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in floats)
+        and rowptr.is_contiguous() and col.is_contiguous()
+    )
+
+
+def _threads(work: int) -> int:
+    return torch.get_num_threads() if work > THREADED_ABOVE else 1
+
+
+def _pointer(tensor: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor) -> bool:
+    """``out[r] = sum_k values[k] x[col[k]]`` over row ``r``'s entries (``out [R, d]``, every row written) when the
+    kernels are loaded and the operands qualify (float32 CPU, int32 indices, contiguous); ``False`` (nothing written)
+    otherwise. ``rowptr`` must start at 0."""
+    library = native_kernels()
+    if library is None or x.dim() != 2 or not _eligible(rowptr, col, values, x, out):
+        return False
+    rows, width = out.shape
+    library.grcn_bench_spmm_f32(_pointer(rowptr), _pointer(col), _pointer(values), _pointer(x), _pointer(out), rows,
+                                width, _threads(col.numel() * width))
+    return True
+
+
+def run_sddmm(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, out: Tensor) -> bool:
+    """``out[k] = a[r_k] . b[col[k]]`` for every entry (``out [nnz]``) when the kernels are loaded, the operands
+    qualify and the width is a positive multiple of 8; ``False`` (nothing written) otherwise. ``rowptr`` must start
+    at 0."""
+    library = native_kernels()
+    width = a.size(-1)
+    if library is None or a.dim() != 2 or width == 0 or width % 8 or not _eligible(rowptr, col, a, b, out):
+        return False
+    library.grcn_bench_sddmm_f32(_pointer(rowptr), _pointer(col), _pointer(a), _pointer(b), _pointer(out),
+                                 a.size(0), width, _threads(col.numel() * width))
+    return True

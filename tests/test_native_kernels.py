@@ -1,0 +1,285 @@
+"""The compiled sparse kernels (``models/layers/native.py``): bit for bit the sums of an order-exact reference written
+with torch's elementwise operations, and of torch's own kernels (so results do not change); their threads; every way
+they fall back to torch's kernels, and the build cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from grcn_bench.benchmarks.config import TrainSettings
+from grcn_bench.benchmarks.trainer import fit, seed_everything
+from grcn_bench.datasets import load_dataset
+from grcn_bench.models import get_model
+from grcn_bench.models.layers import native, sparse
+from grcn_bench.models.layers.sparse import CSRPattern
+
+needs_native = pytest.mark.skipif(native.native_kernels() is None,
+                                  reason=f"compiled kernels unavailable here: {native.kernel_status()}")
+# torch's sampled product sums as the compiled one does only where torch runs its AVX2 kernels; MKL's product is the
+# CSR product there.
+needs_torch_avx2 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX2" or not torch.backends.mkl.is_available(),
+    reason="the bit-for-bit comparison with torch's kernels is for machines where torch runs AVX2 kernels and MKL",
+)
+
+
+@pytest.fixture
+def fresh_loader():
+    """Forget the loaded kernels before and after the test (its monkeypatched environment decides what loads)."""
+    native._load.cache_clear()
+    yield
+    native._load.cache_clear()
+
+
+def random_pattern(rows: int, cols: int, density: float, seed: int = 0) -> CSRPattern:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=generator) < density
+    mask[0] = False  # an empty first row, and rows of every length
+    mask[-1] = True
+    row, col = mask.nonzero(as_tuple=True)
+    return CSRPattern.from_coo(row, col, rows, cols)
+
+
+def ordered_spmm(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each row's entries summed in storage order, multiply then add, one elementwise torch operation at a time."""
+    rowptr, col = pattern.rowptr.long(), pattern.col.long()
+    degree = rowptr[1:] - rowptr[:-1]
+    out = torch.zeros(pattern.num_rows, x.size(1))
+    for position in range(int(degree.max())):
+        rows = (degree > position).nonzero().squeeze(1)
+        entry = rowptr[rows] + position
+        out[rows] = out[rows] + values[entry, None] * x[col[entry]]
+    return out
+
+
+def lane_sddmm(pattern: CSRPattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Eight lanes accumulated over the width, then halves, pairs and neighbours (torch's AVX2 reduction)."""
+    degree = pattern.rowptr[1:].long() - pattern.rowptr[:-1].long()
+    rows = torch.repeat_interleave(torch.arange(pattern.num_rows), degree)
+    products = (a[rows] * b[pattern.col.long()]).view(pattern.nnz, -1, 8)
+    lanes = products[:, 0]
+    for chunk in range(1, products.size(1)):
+        lanes = lanes + products[:, chunk]
+    lanes = lanes[:, :4] + lanes[:, 4:]
+    lanes = lanes[:, :2] + lanes[:, 2:]
+    return lanes[:, 0] + lanes[:, 1] + 0.0
+
+
+def _operands(pattern: CSRPattern, width: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(pattern.nnz, generator=generator)
+    x = torch.randn(pattern.num_cols, width, generator=generator)
+    a = torch.randn(pattern.num_rows, width, generator=generator)
+    return values, x, a
+
+
+@needs_native
+@pytest.mark.parametrize("width", [1, 3, 8, 13, 64, 72, 136])
+def test_spmm_is_the_ordered_sum_bit_for_bit(width):
+    pattern = random_pattern(50, 70, 0.2)
+    values, x, _ = _operands(pattern, width)
+    out = torch.full((pattern.num_rows, width), float("nan"))
+    assert native.run_spmm(pattern.rowptr, pattern.col, values, x, out)
+    assert torch.equal(out, ordered_spmm(pattern, values, x))
+    assert not out[0].any()  # the empty row is written too
+
+
+@needs_native
+@pytest.mark.parametrize("width", [8, 16, 64, 72])
+def test_sddmm_is_the_lane_sum_bit_for_bit(width):
+    pattern = random_pattern(50, 70, 0.2)
+    _, b, a = _operands(pattern, width)
+    a[3, :] = 0.0
+    b = -b  # rows of zeros against negative features: -0 dot products, which become +0 as in torch
+    out = torch.empty(pattern.nnz)
+    assert native.run_sddmm(pattern.rowptr, pattern.col, a, b, out)
+    expected = lane_sddmm(pattern, a, b)
+    assert torch.equal(out, expected) and not torch.signbit(out[expected == 0]).any()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_threads_split_rows_without_changing_a_bit(threads, monkeypatch):
+    monkeypatch.setattr(native, "THREADED_ABOVE", 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for pattern in (random_pattern(40, 30, 0.3, seed=2), random_pattern(3, 5, 0.5, seed=3)):  # rows < threads
+            values, x, a = _operands(pattern, 16)
+            out = torch.empty(pattern.num_rows, 16)
+            assert native.run_spmm(pattern.rowptr, pattern.col, values, x, out)
+            assert torch.equal(out, ordered_spmm(pattern, values, x))
+            dots = torch.empty(pattern.nnz)
+            assert native.run_sddmm(pattern.rowptr, pattern.col, a, x, dots)
+            assert torch.equal(dots, lane_sddmm(pattern, a, x))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
+def test_no_entries_and_no_rows():
+    empty = CSRPattern.from_coo(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), 4, 6)
+    out = torch.full((4, 8), 1.0)
+    assert native.run_spmm(empty.rowptr, empty.col, torch.empty(0), torch.randn(6, 8), out)
+    assert not out.any()
+    assert native.run_sddmm(empty.rowptr, empty.col, torch.randn(4, 8), torch.randn(6, 8), torch.empty(0))
+    no_rows = CSRPattern.from_coo(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), 0, 6)
+    assert native.run_spmm(no_rows.rowptr, no_rows.col, torch.empty(0), torch.randn(6, 8), torch.empty(0, 8))
+
+
+@needs_native
+def test_what_the_kernels_leave_to_torch():
+    pattern = random_pattern(20, 30, 0.2)
+    values, x, a = _operands(pattern, 12)
+    rowptr, col = pattern.rowptr, pattern.col
+    out = torch.full((20, 12), 7.0)
+    assert not native.run_sddmm(rowptr, col, a, x, torch.empty(pattern.nnz))  # width not a multiple of 8
+    assert not native.run_spmm(rowptr, col, values.double(), x.double(), out.double())
+    assert not native.run_spmm(rowptr.long(), col.long(), values, x, out)
+    assert not native.run_spmm(rowptr, col, values, x.t().contiguous().t(), out)  # not contiguous
+    assert (out == 7.0).all()  # nothing written
+    # ... and the public products still compute them, through torch.
+    rows = torch.repeat_interleave(torch.arange(20), rowptr.diff().long())
+    dense = torch.zeros(20, 30, dtype=torch.float64).index_put_((rows, col.long()), values.double())
+    torch.testing.assert_close(sparse.spmm(pattern, values, x).double(), dense @ x.double(), rtol=1e-5, atol=1e-5)
+    dense_dots = (a.double() @ x.double().t())[rows, col.long()]
+    torch.testing.assert_close(sparse.sddmm(pattern, a, x).double(), dense_dots, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@needs_torch_avx2
+@pytest.mark.parametrize("channels", [None, 3])
+def test_products_and_gradients_equal_torchs_kernels_bit_for_bit(channels, monkeypatch):
+    pattern = random_pattern(300, 400, 0.05, seed=4)
+    shape = (() if channels is None else (channels,))
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randn(*shape, pattern.nnz, generator=generator)
+    x = torch.randn(*shape, pattern.num_cols, 64, generator=generator)
+    a = torch.randn(*shape, pattern.num_rows, 64, generator=generator)
+    for stacked in (True, False):  # one product over the channels' stacked pattern, or one per channel
+        monkeypatch.setattr(sparse, "STACK_BELOW_BYTES", 1 << 40 if stacked else 0)
+        results = {}
+        for choice in ("native", "torch"):
+            with native.use_kernels(choice):
+                leaves = [t.clone().requires_grad_() for t in (values, x, a)]
+                product = sparse.spmm(pattern, leaves[0], leaves[1])
+                dots = sparse.sddmm(pattern, leaves[2], leaves[1])
+                (product.square().sum() + dots.sin().sum()).backward()
+                results[choice] = [product, dots, *(leaf.grad for leaf in leaves)]
+        for native_result, torch_result in zip(results["native"], results["torch"], strict=True):
+            assert torch.equal(native_result, torch_result)
+
+
+@needs_native
+@needs_torch_avx2
+@pytest.mark.parametrize("name", ["grcn", "disengcn", "gat"])
+def test_training_is_bit_for_bit_the_same_with_either_kernels(name):
+    dataset = load_dataset("synthetic:tiny")
+    settings = TrainSettings(lr=0.01, seed=0, batch_size=256, max_epochs=2)
+    outcomes = {}
+    for choice in ("native", "torch"):
+        with native.use_kernels(choice):
+            seed_everything(0)
+            model = get_model(name)(dataset.info())
+            result = fit(model, dataset, settings, lambda m, epoch: {"recall@10": float(epoch)}, progress=False)
+            outcomes[choice] = ([r.loss for r in result.history], [p.detach().clone() for p in model.parameters()])
+    assert outcomes["native"][0] == outcomes["torch"][0]
+    for native_parameter, torch_parameter in zip(outcomes["native"][1], outcomes["torch"][1], strict=True):
+        assert torch.equal(native_parameter, torch_parameter)
+
+
+# ---------------------------------------------------------------------------------------------- choice and fallback
+
+
+def test_torch_kernels_on_request(fresh_loader, monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "torch")
+    assert native.native_kernels() is None and native.kernel_status() == "GRCN_BENCH_KERNELS=torch"
+    pattern = random_pattern(10, 12, 0.3)
+    values, x, _ = _operands(pattern, 8)
+    assert not native.run_spmm(pattern.rowptr, pattern.col, values, x, torch.empty(10, 8))
+
+
+def test_use_kernels_restores_the_previous_choice(fresh_loader, monkeypatch):
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    with native.use_kernels("torch"):
+        assert native.kernel_status() == "GRCN_BENCH_KERNELS=torch"
+    assert native.ENV_SWITCH not in os.environ
+    monkeypatch.setenv(native.ENV_SWITCH, "torch")
+    with native.use_kernels("native"):
+        pass
+    assert os.environ[native.ENV_SWITCH] == "torch"
+    with pytest.raises(ValueError, match="'native' or 'torch'"):
+        with native.use_kernels("gpu"):
+            pass
+
+
+def test_a_wrong_switch_value_is_an_error(fresh_loader, monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "fast")
+    with pytest.raises(ValueError, match="GRCN_BENCH_KERNELS must be 'native' or 'torch', got 'fast'"):
+        native.kernel_status()
+
+
+def test_other_machines_use_torchs_kernels(fresh_loader, monkeypatch):
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native.native_kernels() is None and "not an x86-64 CPU (aarch64)" in native.kernel_status()
+    native._load.cache_clear()
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert native.native_kernels() is None and "lacks AVX2" in native.kernel_status()
+
+
+def test_no_compiler(fresh_loader, monkeypatch):
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert native.native_kernels() is None and native.kernel_status() == "no C compiler found (set CC)"
+
+
+def test_a_failed_build_warns_and_falls_back_to_torch(fresh_loader, monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("GRCN_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.native_kernels() is None
+    assert native.kernel_status().startswith("build failed")
+    assert "compiled sparse kernels unavailable, using torch's" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    pattern = random_pattern(20, 30, 0.2)
+    values, x, _ = _operands(pattern, 8)
+    torch.testing.assert_close(sparse.spmm(pattern, values, x), ordered_spmm(pattern, values, x))
+
+
+@needs_native
+def test_the_build_is_kept_and_reused(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("GRCN_BENCH_CACHE", str(tmp_path / "kernels"))
+    assert native.native_kernels() is not None
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
+    assert native.kernel_status() == f"native ({built[0]})"
+    native._load.cache_clear()
+
+    def no_second_build(*args):
+        raise AssertionError("rebuilt a kernel library that was already built")
+
+    monkeypatch.setattr(native, "_build", no_second_build)
+    assert native.native_kernels() is not None
+
+
+def test_cache_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRCN_BENCH_CACHE", str(tmp_path / "here"))
+    assert native.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("GRCN_BENCH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.cache_dir() == tmp_path / "xdg" / "grcn-bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert native.cache_dir() == tmp_path / "home" / ".cache" / "grcn-bench"
