@@ -89,6 +89,18 @@ def test_spmm_is_the_ordered_sum_bit_for_bit(width):
 
 
 @needs_native
+def test_spmm_reads_permuted_values_in_place():
+    pattern = random_pattern(50, 70, 0.2)
+    values, x, _ = _operands(pattern, 24)
+    order = torch.randperm(pattern.nnz, generator=torch.Generator().manual_seed(6))
+    out = torch.empty(pattern.num_rows, 24)
+    assert native.run_spmm(pattern.rowptr, pattern.col, values, x, out, value_order=order)
+    assert torch.equal(out, ordered_spmm(pattern, values[order], x))
+    assert not native.run_spmm(pattern.rowptr, pattern.col, values, x, out, value_order=order.int())
+    assert not native.run_spmm(pattern.rowptr, pattern.col, values, x, out, value_order=order[:-1])
+
+
+@needs_native
 @pytest.mark.parametrize("width", [8, 16, 64, 72])
 def test_sddmm_is_the_lane_sum_bit_for_bit(width):
     pattern = random_pattern(50, 70, 0.2)

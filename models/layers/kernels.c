@@ -1,6 +1,7 @@
 /* CPU kernels for the two sparse products of sparse.py, built and loaded by native.py (ctypes; no Python API).
  *
- * spmm:  out[r, :] = sum over the row's entries k, in storage order, of values[k] * x[col[k], :]
+ * spmm:  out[r, :] = sum over the row's entries k, in storage order, of w_k * x[col[k], :], where w_k is values[k], or
+ *        values[order[k]] when an order is given (a transposed product reads the forward's values in place)
  * sddmm: out[k]    = a[r_k, :] . b[col[k], :]
  *
  * Both are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product and torch's
@@ -23,6 +24,7 @@
 typedef struct {
   const int32_t *rowptr, *col;
   const float *values, *a, *b; /* spmm reads values and b (= x); sddmm reads a and b */
+  const int64_t *order;        /* spmm: entry k's weight is values[order[k]]; NULL: values[k] */
   float *out;
   int64_t width, nnz, begin, end;
 } range_job;
@@ -38,8 +40,11 @@ static inline __attribute__((always_inline)) void spmm_tile(const range_job *job
   for (int v = 0; v < vectors; ++v) acc[v] = _mm256_setzero_ps();
   const int64_t width = job->width, cache_lines = (8 * vectors + 15) / 16;
   for (int64_t k = job->rowptr[row]; k < job->rowptr[row + 1]; ++k) {
-    if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width + j, cache_lines);
-    const __m256 weight = _mm256_set1_ps(job->values[k]);
+    if (k + PREFETCH < job->nnz) {
+      prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width + j, cache_lines);
+      if (job->order) _mm_prefetch((const char *)(job->values + job->order[k + PREFETCH]), _MM_HINT_T0);
+    }
+    const __m256 weight = _mm256_set1_ps(job->order ? job->values[job->order[k]] : job->values[k]);
     const float *x = job->b + (int64_t)job->col[k] * width + j;
     for (int v = 0; v < vectors; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(weight, _mm256_loadu_ps(x + 8 * v)));
   }
@@ -66,8 +71,10 @@ static void *spmm_range(void *arg) {
     }
     for (j = vector_end; j < width; ++j) {
       float acc = 0.0f;
-      for (int64_t k = job->rowptr[row]; k < job->rowptr[row + 1]; ++k)
-        acc = acc + job->values[k] * job->b[(int64_t)job->col[k] * width + j];
+      for (int64_t k = job->rowptr[row]; k < job->rowptr[row + 1]; ++k) {
+        const float weight = job->order ? job->values[job->order[k]] : job->values[k];
+        acc = acc + weight * job->b[(int64_t)job->col[k] * width + j];
+      }
       job->out[row * width + j] = acc;
     }
   }
@@ -125,14 +132,14 @@ static void run_ranges(void *(*kernel)(void *), range_job whole, int64_t rows, i
   for (int t = started; t < threads; ++t) kernel(&jobs[t]); /* threads the system refused: run here */
 }
 
-void grcn_bench_spmm_f32(const int32_t *rowptr, const int32_t *col, const float *values, const float *x, float *out,
-                         int64_t rows, int64_t width, int threads) {
-  range_job whole = {rowptr, col, values, 0, x, out, width, rowptr[rows], 0, rows};
+void grcn_bench_spmm_f32(const int32_t *rowptr, const int32_t *col, const float *values, const int64_t *order,
+                         const float *x, float *out, int64_t rows, int64_t width, int threads) {
+  range_job whole = {rowptr, col, values, 0, x, order, out, width, rowptr[rows], 0, rows};
   run_ranges(spmm_range, whole, rows, threads);
 }
 
 void grcn_bench_sddmm_f32(const int32_t *rowptr, const int32_t *col, const float *a, const float *b, float *out,
                           int64_t rows, int64_t width, int threads) {
-  range_job whole = {rowptr, col, 0, a, b, out, width, rowptr[rows], 0, rows};
+  range_job whole = {rowptr, col, 0, a, b, 0, out, width, rowptr[rows], 0, rows};
   run_ranges(sddmm_range, whole, rows, threads);
 }

@@ -103,10 +103,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         detail = getattr(error, "stderr", None) or str(error)
         log.warning("grcn-bench: compiled sparse kernels unavailable, using torch's (%s)", detail.strip()[:500])
         return None, f"build failed: {detail.strip()[:200]}"
-    arguments = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    for name in ("grcn_bench_spmm_f32", "grcn_bench_sddmm_f32"):
-        getattr(library, name).argtypes = arguments
-        getattr(library, name).restype = None
+    sizes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    library.grcn_bench_spmm_f32.argtypes = [ctypes.c_void_p] * 6 + sizes
+    library.grcn_bench_sddmm_f32.argtypes = [ctypes.c_void_p] * 5 + sizes
+    library.grcn_bench_spmm_f32.restype = library.grcn_bench_sddmm_f32.restype = None
     return library, f"native ({target})"
 
 
@@ -155,16 +155,22 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor) -> bool:
-    """``out[r] = sum_k values[k] x[col[k]]`` over row ``r``'s entries (``out [R, d]``, every row written) when the
-    kernels are loaded and the operands qualify (float32 CPU, int32 indices, contiguous); ``False`` (nothing written)
-    otherwise. ``rowptr`` must start at 0."""
+def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor, *,
+             value_order: Tensor | None = None) -> bool:
+    """``out[r] = sum_k w_k x[col[k]]`` over row ``r``'s entries (``out [R, d]``, every row written), with ``w_k =
+    values[k]``, or ``values[value_order[k]]`` (int64) when given, when the kernels are loaded and the operands
+    qualify (float32 CPU, int32 indices, contiguous); ``False`` (nothing written) otherwise. ``rowptr`` must start
+    at 0."""
     library = native_kernels()
     if library is None or x.dim() != 2 or not _eligible(rowptr, col, values, x, out):
         return False
+    if value_order is not None and (value_order.dtype != torch.int64 or not value_order.is_contiguous()
+                                    or value_order.numel() != col.numel()):
+        return False
     rows, width = out.shape
-    library.grcn_bench_spmm_f32(_pointer(rowptr), _pointer(col), _pointer(values), _pointer(x), _pointer(out), rows,
-                                width, _threads(col.numel() * width))
+    order = ctypes.c_void_p(None) if value_order is None else _pointer(value_order)
+    library.grcn_bench_spmm_f32(_pointer(rowptr), _pointer(col), _pointer(values), order, _pointer(x), _pointer(out),
+                                rows, width, _threads(col.numel() * width))
     return True
 
 

@@ -182,12 +182,16 @@ def _csr(rowptr: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> 
         return torch.sparse_csr_tensor(rowptr, col, values, size, check_invariants=False)
 
 
-def _spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: int) -> Tensor:
+def _spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: int,
+              value_order: Tensor | None = None) -> Tensor:
     """``[R, d]`` (or ``[M, R, d]`` for ``values [M, nnz]``, ``x [M, C, d]``, one product per channel): CSR
     sparse-dense products, written straight into the output (``torch.sparse.mm`` adds a zero fill and a full copy of
     the result). MKL's product never reads the output when ``beta=0`` (a test checks it), so on that path the output
-    needs no zero fill."""
+    needs no zero fill. With ``value_order``, entry ``k``'s weight is ``values[..., value_order[k]]``: the compiled
+    kernel reads it in place, torch's kernels get the gathered copy."""
     if x.dim() == 3 and _stack_channels(x, col.numel()):
+        if value_order is not None:
+            values = values.index_select(-1, value_order)
         ptr, cols = stacked_indices(rowptr, col, x.size(0), x.size(1))
         out = _spmm_raw(ptr, cols, values.reshape(-1), x.reshape(-1, x.size(2)), x.size(0) * num_rows)
         return out.view(x.size(0), num_rows, x.size(2))
@@ -195,7 +199,9 @@ def _spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: 
     out = x.new_empty(shape) if _writes_every_row(x, rowptr) else x.new_zeros(shape)
     for channel_values, channel_x, channel_out in _per_channel(values, x, out):
         channel_values, channel_x = channel_values.contiguous(), channel_x.contiguous()
-        if not run_spmm(rowptr, col, channel_values, channel_x, channel_out):
+        if not run_spmm(rowptr, col, channel_values, channel_x, channel_out, value_order=value_order):
+            if value_order is not None:
+                channel_values = channel_values.index_select(0, value_order)
             matrix = _csr(rowptr, col, channel_values, (num_rows, channel_x.size(0)))
             torch.addmm(channel_out, matrix, channel_x, beta=0.0, out=channel_out)
     return out
@@ -286,8 +292,7 @@ class _SpMM(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # dL/dw_k = dL/dy[r_k] . x[col_k]
             grad_values = _sddmm_raw(pattern.rowptr, pattern.col, grad, x)
         if ctx.needs_input_grad[2]:  # dL/dX = A^T dL/dY; A^T's values are the forward's, permuted by t_perm
-            transposed = values.index_select(-1, pattern.t_perm)
-            grad_x = _spmm_raw(pattern.t_rowptr, pattern.t_col, transposed, grad, pattern.num_cols)
+            grad_x = _spmm_raw(pattern.t_rowptr, pattern.t_col, values, grad, pattern.num_cols, pattern.t_perm)
         return None, grad_values, grad_x
 
 
@@ -307,8 +312,7 @@ class _SDDMM(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # dL/da_r = sum over row r of dL/dz_k b[col_k]
             grad_a = _spmm_raw(pattern.rowptr, pattern.col, grad, b, pattern.num_rows)
         if ctx.needs_input_grad[2]:  # dL/db_c = sum over column c of dL/dz_k a[r_k]
-            transposed = grad.index_select(-1, pattern.t_perm)
-            grad_b = _spmm_raw(pattern.t_rowptr, pattern.t_col, transposed, a, pattern.num_cols)
+            grad_b = _spmm_raw(pattern.t_rowptr, pattern.t_col, grad, a, pattern.num_cols, pattern.t_perm)
         return None, grad_a, grad_b
 
 
