@@ -12,6 +12,9 @@ For every model × dataset it measures, with the code the grid runs:
   the dense matmul rate measured just before, in the same process (numpy's BLAS on CPU, torch on CUDA);
 - peak resident memory of the process (and peak GPU memory on CUDA).
 
+``--kernels native torch`` measures every cell twice, with the compiled sparse kernels and with torch's
+(:mod:`grcn_bench.models.layers.native`), one after the other: a side-by-side comparison within one run.
+
 Each cell runs in a fresh process (``spawn``), so peaks do not accumulate from one model to the next; the parent
 builds each dataset once and hands it over. The machine's references (dense matmul GFLOP/s with torch and with numpy,
 memory bandwidth of a large copy) are measured at the start and again at the end of the run: on a shared machine,

@@ -11,7 +11,9 @@ independent order-exact reference):
 - ``spmm``: each output element accumulates the row's entries in storage order, multiplying then adding, as MKL's
   product does;
 - ``sddmm``: each dot product sums eight lanes over the width, then the halves, pairs and neighbours of the lanes, as
-  torch's AVX2 kernel does (so only widths that are multiples of 8 run here; others go to torch).
+  torch's AVX2 kernel does (so only widths that are multiples of 8 run here; others go to torch). Where torch runs
+  its AVX-512 kernels instead, its sampled product sums sixteen lanes and can differ from these in the last bit; the
+  compiled sums are the same on every machine.
 
 The source is built on first use with the system C compiler (``$CC``, else ``cc``) into a cache directory
 (``$GRCN_BENCH_CACHE``, else ``$XDG_CACHE_HOME/grcn-bench`` or ``~/.cache/grcn-bench``), one file per source and
