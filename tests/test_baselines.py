@@ -29,11 +29,10 @@ from grcn_bench.models.layers.edge_ops import (
     attention_matrix,
     l2_normalize,
     mean_aggregate,
-    stack_pattern,
 )
 from grcn_bench.models.layers.mmgcn import AggregateCombineConv, mean_weights
 from grcn_bench.models.layers.ngcf import BiInteractionConv, symmetric_norm
-from grcn_bench.models.layers.sparse import CSRPattern, graph_pattern, spmm
+from grcn_bench.models.layers.sparse import CSRPattern, graph_pattern, spmm, stack_pattern
 from grcn_bench.models.mmgcn import MMGCN
 from grcn_bench.models.ngcf import NGCF
 

@@ -204,6 +204,70 @@ def test_training_is_bit_for_bit_the_same_with_either_kernels(name):
         assert torch.equal(native_parameter, torch_parameter)
 
 
+def _headed_operands(pattern: CSRPattern, heads: int, width: int, seed: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(pattern.nnz, heads, generator=generator)
+    x = torch.randn(pattern.num_cols, heads, width, generator=generator)
+    a = torch.randn(pattern.num_rows, heads, width, generator=generator)
+    return values, x, a
+
+
+def _headed_run(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> list[torch.Tensor]:
+    leaves = [t.clone().requires_grad_() for t in (values, x, a)]
+    product = sparse.headed_spmm(pattern, leaves[0], leaves[1])
+    dots = sparse.headed_sddmm(pattern, leaves[2], leaves[1])
+    (product.square().sum() + dots.sin().sum()).backward()
+    return [product, dots, *(leaf.grad for leaf in leaves)]
+
+
+@needs_native
+@pytest.mark.parametrize(("heads", "width"), [(8, 8), (4, 16), (2, 24), (3, 5)])
+def test_headed_products_are_one_product_per_head_bit_for_bit(heads, width):
+    """Compiled (head width a multiple of 8) or not, values and gradients equal those of one spmm / sddmm per head
+    (each its own bits: the ordered sum and the lane sum)."""
+    pattern = random_pattern(60, 60, 0.15, seed=8)
+    values, x, a = _headed_operands(pattern, heads, width)
+    product, dots, *grads = _headed_run(pattern, values, x, a)
+    per_head = [_headed_run(pattern, values[:, [h]], x[:, [h]], a[:, [h]]) for h in range(heads)]
+    reference_product = torch.stack([sparse.spmm(pattern, values[:, h], x[:, h]) for h in range(heads)], dim=1)
+    assert torch.equal(product, reference_product)
+    for h in range(heads):
+        assert torch.equal(dots[:, h], sparse.sddmm(pattern, a[:, h], x[:, h]))
+        for grad, head_result in zip(grads, per_head[h][2:], strict=True):
+            assert torch.equal(grad[:, h], head_result[:, 0])
+    if width % 8 == 0:
+        assert torch.equal(product, ordered_spmm_heads(pattern, values, x))
+
+
+def ordered_spmm_heads(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([ordered_spmm(pattern, values[:, h], x[:, h]) for h in range(x.size(1))], dim=1)
+
+
+@needs_native
+@needs_torch_avx2
+def test_headed_products_equal_the_block_product_with_torchs_kernels():
+    pattern = random_pattern(80, 80, 0.1, seed=9)
+    operands = _headed_operands(pattern, 4, 16)
+    native_results = _headed_run(pattern, *operands)
+    with native.use_kernels("torch"):
+        torch_results = _headed_run(pattern, *operands)  # stack_pattern's block product, torch's kernels
+    for native_result, torch_result in zip(native_results, torch_results, strict=True):
+        assert torch.equal(native_result, torch_result)
+
+
+def test_headed_shape_errors():
+    pattern = random_pattern(6, 7, 0.5)
+    values, x, a = _headed_operands(pattern, 2, 8)
+    with pytest.raises(ValueError, match="values \\[nnz, H\\] need features \\[C, H, d\\]"):
+        sparse.headed_spmm(pattern, values, x[:, :1])
+    with pytest.raises(ValueError, match="pattern \\[6, 7\\]"):
+        sparse.headed_spmm(pattern, values[1:], x)
+    with pytest.raises(ValueError, match="must be \\[n, H, d\\] alike"):
+        sparse.headed_sddmm(pattern, a, x[:, :, :4])
+    with pytest.raises(ValueError, match="pattern \\[6, 7\\], got left"):
+        sparse.headed_sddmm(pattern, a[1:], x)
+
+
 # ---------------------------------------------------------------------------------------------- choice and fallback
 
 

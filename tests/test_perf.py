@@ -29,7 +29,6 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from grcn_bench.models import get_model, register_model, unregister_model
 from grcn_bench.models.base import Embeddings, Recommender
 from grcn_bench.models.layers import sparse
-from grcn_bench.models.layers.edge_ops import stack_pattern
 from grcn_bench.models.layers.native import kernel_status as native_status
 from grcn_bench.models.layers.refine import RefinedPropagation, l2_normalize
 from grcn_bench.models.layers.sparse import (
@@ -39,6 +38,7 @@ from grcn_bench.models.layers.sparse import (
     sddmm,
     segment_softmax,
     spmm,
+    stack_pattern,
     user_item_pattern,
 )
 from grcn_bench.models.mf import MF

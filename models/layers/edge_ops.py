@@ -11,8 +11,6 @@ PyG gathers and scatters one message per edge (at Tiktok scale, 1.1 M directed e
   block-diagonal product.
 - :func:`l2_normalize`: ``F.normalize(x, dim=-1)`` with a one-pass backward (DisenGCN normalises every channel
   at every routing step).
-- :func:`stack_pattern`: the block-diagonal pattern that runs several channels of one propagation (DisenGCN's
-  channels, GAT's heads) as a single product, channel-major.
 
 Both layer classes are the PyG classes with one more accepted input: same constructor, parameters and state dict,
 and PyG's own forward for an ``edge_index`` (the reference path the tests compare with).
@@ -28,7 +26,7 @@ from torch_geometric.nn import GATConv, SAGEConv
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import CSRPattern, graph_pattern, spmm, stacked_indices
+from .sparse import CSRPattern, graph_pattern, headed_spmm, spmm
 
 
 def mean_aggregate(pattern: CSRPattern, x: Tensor, degree: Tensor) -> Tensor:
@@ -233,10 +231,8 @@ class CSRGATConv(GATConv):
         pattern = graph_pattern(graph)
         if heads == 1:
             out = spmm(pattern, alpha.view(-1), h.view(num_nodes, channels)).unsqueeze(1)
-        else:  # head-major: head k's nodes are block k of one block-diagonal product
-            h_heads = h.transpose(0, 1).contiguous().view(-1, channels)  # [H*N, C]
-            out = spmm(stack_pattern(pattern, heads), alpha.t().contiguous().view(-1), h_heads)
-            out = out.view(heads, num_nodes, channels).transpose(0, 1)
+        else:  # all heads in one pass over the edges: the sums of one product per head
+            out = headed_spmm(pattern, alpha, h)
         # The self-loop's message, last as in PyG's edge order; in place on the fresh product (its backward does
         # not read it), as is the bias below on the fresh reshaped (or averaged) output.
         out = out.addcmul_(self_alpha.unsqueeze(-1), h)
@@ -244,32 +240,3 @@ class CSRGATConv(GATConv):
         if self.bias is not None:
             out = out.add_(self.bias)
         return out, alpha
-
-
-def stack_pattern(pattern: CSRPattern, copies: int) -> CSRPattern:
-    r"""The block-diagonal ``[M*R, M*C]`` pattern of ``M = copies`` copies of ``pattern``, channel-major: copy ``m``
-    holds rows ``m*R .. m*R+R-1``, columns ``m*C ..`` and entries ``m*nnz ..`` (in ``pattern``'s order).
-
-    With it, ``M`` channels of a propagation run as one :func:`~.sparse.spmm` / :func:`~.sparse.sddmm`: values
-    ``[M, nnz]`` and features ``[M, C, d]``, both flattened over their first two dimensions. The arrays are
-    ``pattern``'s own plus an offset per copy, so building it costs a few copies of the index arrays. For narrow
-    channels (4 of 16, 8 of 8) at Tiktok scale one product over the stack measured up to 1.3x faster than one product
-    per channel (:func:`~.sparse.spmm` with ``[M, nnz]`` values), for GRCN's 3 channels of 64 up to 2x slower.
-    """
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-        raise ValueError(f"copies must be an int >= 1, got {copies!r}")
-    nnz, rows, cols = pattern.nnz, pattern.num_rows, pattern.num_cols
-    fits = copies * max(nnz, rows, cols) < 2**31  # int32 indices for the CPU kernels whenever they fit
-    index_dtype = torch.int32 if fits else torch.long
-
-    def stacked(ptr: Tensor, col: Tensor, num_cols: int) -> tuple[Tensor, Tensor]:
-        return stacked_indices(ptr.to(index_dtype), col.to(index_dtype), copies, num_cols)
-
-    rowptr, col = stacked(pattern.rowptr, pattern.col, cols)
-    if pattern.t_rowptr is pattern.rowptr and pattern.t_col is pattern.col:  # symmetric structure (graph_pattern)
-        t_rowptr, t_col = rowptr, col
-    else:
-        t_rowptr, t_col = stacked(pattern.t_rowptr, pattern.t_col, rows)
-    copy = torch.arange(copies, device=pattern.t_perm.device).unsqueeze(1)
-    t_perm = (pattern.t_perm.unsqueeze(0) + copy * nnz).view(-1)
-    return CSRPattern(rowptr, col, t_rowptr, t_col, t_perm, copies * rows, copies * cols)

@@ -105,7 +105,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         detail = getattr(error, "stderr", None) or str(error)
         log.warning("grcn-bench: compiled sparse kernels unavailable, using torch's (%s)", detail.strip()[:500])
         return None, f"build failed: {detail.strip()[:200]}"
-    sizes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    sizes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]  # rows, width, heads, threads
     library.grcn_bench_spmm_f32.argtypes = [ctypes.c_void_p] * 6 + sizes
     library.grcn_bench_sddmm_f32.argtypes = [ctypes.c_void_p] * 5 + sizes
     library.grcn_bench_spmm_f32.restype = library.grcn_bench_sddmm_f32.restype = None
@@ -159,31 +159,38 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
 
 def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor, *,
              value_order: Tensor | None = None) -> bool:
-    """``out[r] = sum_k w_k x[col[k]]`` over row ``r``'s entries (``out [R, d]``, every row written), with ``w_k =
-    values[k]``, or ``values[value_order[k]]`` (int64) when given, when the kernels are loaded and the operands
-    qualify (float32 CPU, int32 indices, contiguous); ``False`` (nothing written) otherwise. ``rowptr`` must start
-    at 0."""
+    """``out[r] = sum_k w_k x[col[k]]`` over row ``r``'s entries, with ``w_k = values[k]``, or
+    ``values[value_order[k]]`` (int64) when given. ``x [C, d]`` and ``out [R, d]`` (every row written); or, with
+    ``values [nnz, H]``, ``x [C, H, d]`` and ``out [R, H, d]``, head ``h`` weighted by ``values[:, h]`` (``d`` a
+    multiple of 8). Runs when the kernels are loaded and the operands qualify (float32 CPU, int32 indices,
+    contiguous) and returns ``True``; else writes nothing and returns ``False``. ``rowptr`` must start at 0."""
     library = native_kernels()
-    if library is None or x.dim() != 2 or not _eligible(rowptr, col, values, x, out):
+    heads = values.size(1) if values.dim() == 2 else 1
+    headed_shapes = x.dim() == 3 and x.size(1) == heads and out.dim() == 3 and x.size(2) % 8 == 0
+    if (library is None or not (x.dim() == 2 and values.dim() == 1 or values.dim() == 2 and headed_shapes)
+            or not _eligible(rowptr, col, values, x, out)):
         return False
     if value_order is not None and (value_order.dtype != torch.int64 or not value_order.is_contiguous()
                                     or value_order.numel() != col.numel()):
         return False
-    rows, width = out.shape
+    rows, width = out.size(0), out.shape[1:].numel()
     order = ctypes.c_void_p(None) if value_order is None else _pointer(value_order)
     library.grcn_bench_spmm_f32(_pointer(rowptr), _pointer(col), _pointer(values), order, _pointer(x), _pointer(out),
-                                rows, width, _threads(col.numel() * width))
+                                rows, width, heads, _threads(col.numel() * width))
     return True
 
 
 def run_sddmm(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, out: Tensor) -> bool:
-    """``out[k] = a[r_k] . b[col[k]]`` for every entry (``out [nnz]``) when the kernels are loaded, the operands
-    qualify and the width is a positive multiple of 8; ``False`` (nothing written) otherwise. ``rowptr`` must start
-    at 0."""
+    """``out[k] = a[r_k] . b[col[k]]`` for every entry (``a [R, d]``, ``b [C, d]``, ``out [nnz]``), or per head
+    (``a [R, H, d]``, ``b [C, H, d]``, ``out [nnz, H]``), when the kernels are loaded, the operands qualify and ``d``
+    is a positive multiple of 8; ``False`` (nothing written) otherwise. ``rowptr`` must start at 0."""
     library = native_kernels()
+    heads = a.size(1) if a.dim() == 3 else 1
     width = a.size(-1)
-    if library is None or a.dim() != 2 or width == 0 or width % 8 or not _eligible(rowptr, col, a, b, out):
+    shapes = (a.dim() == 2 and out.dim() == 1 or a.dim() == 3 and out.dim() == 2 and out.size(1) == heads)
+    if (library is None or not shapes or b.dim() != a.dim() or width == 0 or width % 8
+            or not _eligible(rowptr, col, a, b, out)):
         return False
     library.grcn_bench_sddmm_f32(_pointer(rowptr), _pointer(col), _pointer(a), _pointer(b), _pointer(out),
-                                 a.size(0), width, _threads(col.numel() * width))
+                                 a.size(0), width * heads, heads, _threads(col.numel() * width * heads))
     return True

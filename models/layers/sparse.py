@@ -60,8 +60,8 @@ from torch.autograd.function import once_differentiable
 from .native import native_kernels, run_sddmm, run_spmm
 
 __all__ = [
-    "CSRPattern", "graph_pattern", "sddmm", "segment_softmax", "spmm", "stacked_indices", "stacked_rowptr",
-    "user_item_pattern",
+    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_softmax", "spmm", "stack_pattern",
+    "stacked_indices", "stacked_rowptr", "user_item_pattern",
 ]
 
 #: Channel-major operands smaller than this run as one product over the channels' stacked pattern, larger ones as one
@@ -225,10 +225,40 @@ def stacked_rowptr(rowptr: Tensor, copies: int) -> Tensor:
 
 def stacked_indices(rowptr: Tensor, col: Tensor, copies: int, num_cols: int) -> tuple[Tensor, Tensor]:
     """CSR ``(rowptr, col)`` of ``copies`` copies of a pattern down the diagonal: copy ``m`` at rows ``m*R..``,
-    columns ``m*C..`` and entries ``m*nnz..``, in ``rowptr``'s and ``col``'s dtypes (:func:`~.edge_ops.stack_pattern`
-    adds the transpose)."""
+    columns ``m*C..`` and entries ``m*nnz..``, in ``rowptr``'s and ``col``'s dtypes (:func:`stack_pattern` adds the
+    transpose)."""
     offset = torch.arange(copies, dtype=col.dtype, device=col.device).unsqueeze(1) * num_cols
     return stacked_rowptr(rowptr, copies), (col.unsqueeze(0) + offset).flatten()
+
+
+def stack_pattern(pattern: CSRPattern, copies: int) -> CSRPattern:
+    r"""The block-diagonal ``[M*R, M*C]`` pattern of ``M = copies`` copies of ``pattern``, channel-major: copy ``m``
+    holds rows ``m*R .. m*R+R-1``, columns ``m*C ..`` and entries ``m*nnz ..`` (in ``pattern``'s order).
+
+    With it, ``M`` channels of a propagation run as one :func:`spmm` / :func:`sddmm`: values
+    ``[M, nnz]`` and features ``[M, C, d]``, both flattened over their first two dimensions. The arrays are
+    ``pattern``'s own plus an offset per copy, so building it costs a few copies of the index arrays. For narrow
+    channels (4 of 16, 8 of 8) at Tiktok scale one product over the stack measured up to 1.3x faster than one product
+    per channel (:func:`spmm` with ``[M, nnz]`` values), for GRCN's 3 channels of 64 up to 2x slower. Where the
+    compiled kernels run, :func:`headed_spmm` and :func:`headed_sddmm` compute the same sums without it.
+    """
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be an int >= 1, got {copies!r}")
+    nnz, rows, cols = pattern.nnz, pattern.num_rows, pattern.num_cols
+    fits = copies * max(nnz, rows, cols) < 2**31  # int32 indices for the CPU kernels whenever they fit
+    index_dtype = torch.int32 if fits else torch.long
+
+    def stacked(ptr: Tensor, col: Tensor, num_cols: int) -> tuple[Tensor, Tensor]:
+        return stacked_indices(ptr.to(index_dtype), col.to(index_dtype), copies, num_cols)
+
+    rowptr, col = stacked(pattern.rowptr, pattern.col, cols)
+    if pattern.t_rowptr is pattern.rowptr and pattern.t_col is pattern.col:  # symmetric structure (graph_pattern)
+        t_rowptr, t_col = rowptr, col
+    else:
+        t_rowptr, t_col = stacked(pattern.t_rowptr, pattern.t_col, rows)
+    copy = torch.arange(copies, device=pattern.t_perm.device).unsqueeze(1)
+    t_perm = (pattern.t_perm.unsqueeze(0) + copy * nnz).view(-1)
+    return CSRPattern(rowptr, col, t_rowptr, t_col, t_perm, copies * rows, copies * cols)
 
 
 def _per_channel(*tensors: Tensor) -> Iterable[tuple[Tensor, ...]]:
@@ -317,6 +347,67 @@ class _SDDMM(torch.autograd.Function):
         return None, grad_a, grad_b
 
 
+def _compiled(*args: Tensor | bool) -> Tensor:
+    """The output of a compiled kernel that the forward's operands qualified for (the backward's do as well)."""
+    out, ran = args[0], args[1]
+    if not ran:
+        raise RuntimeError("the compiled sparse kernels refused operands they took in the forward pass")
+    return out
+
+
+class _HeadedSpMM(torch.autograd.Function):
+    """``values [nnz, H]``, ``x [C, H, d]`` → ``[R, H, d]`` with the compiled kernels, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(values, x)
+        out = x.new_empty(pattern.num_rows, *x.shape[1:])
+        return _compiled(out, run_spmm(pattern.rowptr, pattern.col, values, x, out))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+        pattern: CSRPattern = ctx.pattern
+        values, x = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_values = grad_x = None
+        if ctx.needs_input_grad[1]:  # dL/dw_kh = dL/dy[r_k, h] . x[col_k, h]
+            grad_values = values.new_empty(values.shape)
+            _compiled(grad_values, run_sddmm(pattern.rowptr, pattern.col, grad, x, grad_values))
+        if ctx.needs_input_grad[2]:  # dL/dX = A_h^T dL/dY per head, A^T's weights read through t_perm
+            grad_x = x.new_empty(x.shape)
+            _compiled(grad_x, run_spmm(pattern.t_rowptr, pattern.t_col, values, grad, grad_x,
+                                       value_order=pattern.t_perm))
+        return None, grad_values, grad_x
+
+
+class _HeadedSDDMM(torch.autograd.Function):
+    """``a [R, H, d]``, ``b [C, H, d]`` → ``[nnz, H]`` with the compiled kernels, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(a, b)
+        out = a.new_empty(pattern.nnz, a.size(1))
+        return _compiled(out, run_sddmm(pattern.rowptr, pattern.col, a, b, out))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+        pattern: CSRPattern = ctx.pattern
+        a, b = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:  # dL/da_rh = sum over row r of dL/dz_kh b[col_k, h]
+            grad_a = a.new_empty(a.shape)
+            _compiled(grad_a, run_spmm(pattern.rowptr, pattern.col, grad, b, grad_a))
+        if ctx.needs_input_grad[2]:  # dL/db_ch = sum over column c of dL/dz_kh a[r_k, h]
+            grad_b = b.new_empty(b.shape)
+            _compiled(grad_b, run_spmm(pattern.t_rowptr, pattern.t_col, grad, a, grad_b, value_order=pattern.t_perm))
+        return None, grad_a, grad_b
+
+
 class _SegmentSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src: Tensor, ptr: Tensor) -> Tensor:
@@ -390,3 +481,61 @@ def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
             f"{tuple(b.shape)}"
         )
     return _SDDMM.apply(pattern, a, b)
+
+
+def _compiled_heads(pattern: CSRPattern, *tensors: Tensor) -> bool:
+    """Whether the compiled kernels take these operands of a headed product (float32 CPU, int32 indices, a head width
+    that is a multiple of 8)."""
+    return (
+        native_kernels() is not None
+        and pattern.rowptr.dtype == torch.int32 and pattern.col.dtype == torch.int32
+        and pattern.t_rowptr.dtype == torch.int32 and pattern.t_col.dtype == torch.int32
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and tensors[-1].size(-1) % 8 == 0 and tensors[-1].size(-1) > 0
+    )
+
+
+def headed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
+    r""":func:`spmm` for ``H`` heads that share the pattern, node-major: head :math:`h` of row :math:`r` is
+    :math:`\mathbf{y}_{r,h} = \sum_{k \in \mathrm{row}(r)} w_{k,h} \mathbf{x}_{c_k,h}` (GAT's heads, DisenGCN's
+    channels).
+
+    ``values [nnz, H]``, ``x [C, H, d]`` → ``[R, H, d]``; differentiable in both. The sums are those of one
+    :func:`spmm` per head, bit for bit; the compiled kernels gather each row once for all heads (2-3x faster than one
+    product over :func:`stack_pattern`'s block pattern with its transposes, at Tiktok scale), and where they cannot
+    run (or the head width is not a multiple of 8) it is that block product, whose result may be a non-contiguous
+    view.
+    """
+    if values.dim() != 2 or x.dim() != 3 or values.size(1) != x.size(1):
+        raise ValueError(f"headed_spmm: values [nnz, H] need features [C, H, d]; got {tuple(values.shape)} and "
+                         f"{tuple(x.shape)}")
+    if values.size(0) != pattern.nnz or x.size(0) != pattern.num_cols:
+        raise ValueError(f"headed_spmm: pattern [{pattern.num_rows}, {pattern.num_cols}] with {pattern.nnz} entries, "
+                         f"got values {tuple(values.shape)} and features {tuple(x.shape)}")
+    heads, width = x.size(1), x.size(2)
+    if _compiled_heads(pattern, values, x):
+        return _HeadedSpMM.apply(pattern, values.contiguous(), x.contiguous())
+    out = spmm(stack_pattern(pattern, heads), values.t().contiguous().view(-1),
+               x.transpose(0, 1).contiguous().view(-1, width))
+    return out.view(heads, pattern.num_rows, width).transpose(0, 1)
+
+
+def headed_sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
+    r""":func:`sddmm` for ``H`` heads that share the pattern, node-major: :math:`z_{k,h} = \mathbf{a}_{r_k,h}^\top
+    \mathbf{b}_{c_k,h}`.
+
+    ``a [R, H, d]``, ``b [C, H, d]`` → ``[nnz, H]``; differentiable in both; the sums of one :func:`sddmm` per head,
+    bit for bit (the compiled kernels, or :func:`stack_pattern`'s block product where they cannot run).
+    """
+    if a.dim() != 3 or b.dim() != 3 or a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"headed_sddmm: inputs must be [n, H, d] alike, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.size(0) != pattern.num_rows or b.size(0) != pattern.num_cols:
+        raise ValueError(f"headed_sddmm: pattern [{pattern.num_rows}, {pattern.num_cols}], got left "
+                         f"{tuple(a.shape)} and right {tuple(b.shape)}")
+    heads, width = a.size(1), a.size(2)
+    if _compiled_heads(pattern, a, b):
+        return _HeadedSDDMM.apply(pattern, a.contiguous(), b.contiguous())
+    block = stack_pattern(pattern, heads)
+    products = sddmm(block, a.transpose(0, 1).contiguous().view(-1, width),
+                     b.transpose(0, 1).contiguous().view(-1, width))
+    return products.view(heads, pattern.nnz).t()
