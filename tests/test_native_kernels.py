@@ -204,6 +204,34 @@ def test_training_is_bit_for_bit_the_same_with_either_kernels(name):
         assert torch.equal(native_parameter, torch_parameter)
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(), (8,), (3,), (13,), (2, 8)])
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_segment_reduce_is_torchs_bit_for_bit(shape, reduce, monkeypatch):
+    """Against torch.segment_reduce itself (a scalar loop on every CPU): empty segments, NaN anywhere in a segment,
+    signed zeros, and both thread splits."""
+    generator = torch.Generator().manual_seed(10)
+    lengths = torch.randint(0, 9, (300,), generator=generator)
+    lengths[:3] = 0
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    src = torch.randn(int(ptr[-1]), *shape, generator=generator)
+    flat = src.view(src.size(0), -1)
+    flat[5, 0], flat[17, -1], flat[40] = float("nan"), float("nan"), -0.0
+    flat[41] = 0.0
+    for threaded_above in (0, 1 << 40):
+        monkeypatch.setattr(native, "THREADED_ABOVE", threaded_above)
+        out = torch.empty(300, *shape)
+        assert native.run_segment_reduce(src, ptr, reduce, out)
+        expected = torch.segment_reduce(src, reduce, offsets=ptr, axis=0)
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+        assert torch.equal(out.signbit(), expected.signbit())
+    assert torch.equal(sparse.segment_reduce(src, reduce, ptr).nan_to_num(), expected.nan_to_num())
+    assert not native.run_segment_reduce(src, ptr, "mean", out)
+    assert not native.run_segment_reduce(src, ptr.int(), reduce, out)
+    assert not native.run_segment_reduce(src.double(), ptr, reduce, out.double())
+
+
 def _headed_operands(pattern: CSRPattern, heads: int, width: int, seed: int = 7):
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(pattern.nnz, heads, generator=generator)

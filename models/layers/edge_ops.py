@@ -26,7 +26,7 @@ from torch_geometric.nn import GATConv, SAGEConv
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import CSRPattern, graph_pattern, headed_spmm, spmm
+from .sparse import CSRPattern, graph_pattern, headed_spmm, segment_reduce, spmm
 
 
 def mean_aggregate(pattern: CSRPattern, x: Tensor, degree: Tensor) -> Tensor:
@@ -120,10 +120,10 @@ class SelfLoopSoftmax(torch.autograd.Function):
         count = rowptr[1:] - rowptr[:-1]
         nnz = logits.size(0)
         # An empty row's segment maximum is -inf; its self logit then decides.
-        row_max = torch.maximum(torch.segment_reduce(logits, "max", offsets=rowptr, axis=0), self_logits)
+        row_max = torch.maximum(segment_reduce(logits, "max", rowptr), self_logits)
         out = (logits - row_max.repeat_interleave(count, dim=0, output_size=nnz)).exp()
         self_out = (self_logits - row_max).exp()
-        total = torch.segment_reduce(out, "sum", offsets=rowptr, axis=0) + self_out + 1e-16
+        total = segment_reduce(out, "sum", rowptr) + self_out + 1e-16
         out = out / total.repeat_interleave(count, dim=0, output_size=nnz)
         self_out = self_out / total
         ctx.save_for_backward(out, self_out, rowptr, count)
@@ -133,7 +133,7 @@ class SelfLoopSoftmax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor, self_grad: Tensor) -> tuple[Tensor, Tensor, None]:
         out, self_out, rowptr, count = ctx.saved_tensors
-        dot = torch.segment_reduce(out * grad, "sum", offsets=rowptr, axis=0) + self_out * self_grad
+        dot = segment_reduce(out * grad, "sum", rowptr) + self_out * self_grad
         grad_logits = out * (grad - dot.repeat_interleave(count, dim=0, output_size=out.size(0)))
         return grad_logits, self_out * (self_grad - dot), None
 
@@ -159,10 +159,10 @@ class EdgeScoreSum(torch.autograd.Function):
         graph: InteractionGraph = ctx.graph
         grad_source = grad_target = None
         if ctx.needs_input_grad[1]:
-            grad_target = torch.segment_reduce(grad, "sum", offsets=graph.rowptr, axis=0)
+            grad_target = segment_reduce(grad, "sum", graph.rowptr)
         if ctx.needs_input_grad[0]:
             reversed_grad = grad.index_select(0, graph.reverse_edge)
-            grad_source = torch.segment_reduce(reversed_grad, "sum", offsets=graph.rowptr, axis=0)
+            grad_source = segment_reduce(reversed_grad, "sum", graph.rowptr)
         return grad_source, grad_target, None
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["kernel_status", "native_kernels", "run_sddmm", "run_spmm", "use_kernels"]
+__all__ = ["kernel_status", "native_kernels", "run_sddmm", "run_segment_reduce", "run_spmm", "use_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     sizes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]  # rows, width, heads, threads
     library.grcn_bench_spmm_f32.argtypes = [ctypes.c_void_p] * 6 + sizes
     library.grcn_bench_sddmm_f32.argtypes = [ctypes.c_void_p] * 5 + sizes
-    library.grcn_bench_spmm_f32.restype = library.grcn_bench_sddmm_f32.restype = None
+    library.grcn_bench_segment_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                                                         ctypes.c_int]
+    for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32):
+        kernel.restype = None
     return library, f"native ({target})"
 
 
@@ -193,4 +196,20 @@ def run_sddmm(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, out: Tensor) ->
         return False
     library.grcn_bench_sddmm_f32(_pointer(rowptr), _pointer(col), _pointer(a), _pointer(b), _pointer(out),
                                  a.size(0), width * heads, heads, _threads(col.numel() * width * heads))
+    return True
+
+
+def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -> bool:
+    """``out[s] = reduce(src[offsets[s]:offsets[s + 1]])`` over dimension 0 (``reduce`` ``"sum"`` or ``"max"``; an
+    empty segment gives 0 or -inf) with the sums and NaN rule of ``torch.segment_reduce``, when the kernels are loaded
+    and the operands qualify (float32 CPU contiguous, int64 offsets from 0); ``False`` (nothing written) otherwise."""
+    library = native_kernels()
+    if (library is None or reduce not in ("sum", "max") or offsets.dtype != torch.int64 or offsets.dim() != 1
+            or not offsets.is_contiguous() or src.dim() < 1 or out.shape[1:] != src.shape[1:]
+            or out.size(0) != offsets.numel() - 1 or not all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                                             and t.is_contiguous() for t in (src, out))):
+        return False
+    width = src.shape[1:].numel()
+    library.grcn_bench_segment_f32(_pointer(offsets), _pointer(src), _pointer(out), out.size(0), width,
+                                   int(reduce == "max"), _threads(src.numel()))
     return True

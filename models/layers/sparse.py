@@ -57,11 +57,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .native import native_kernels, run_sddmm, run_spmm
+from .native import native_kernels, run_sddmm, run_segment_reduce, run_spmm
 
 __all__ = [
-    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_softmax", "spmm", "stack_pattern",
-    "stacked_indices", "stacked_rowptr", "user_item_pattern",
+    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_reduce", "segment_softmax", "spmm",
+    "stack_pattern", "stacked_indices", "stacked_rowptr", "user_item_pattern",
 ]
 
 #: Channel-major operands smaller than this run as one product over the channels' stacked pattern, larger ones as one
@@ -408,16 +408,26 @@ class _HeadedSDDMM(torch.autograd.Function):
         return None, grad_a, grad_b
 
 
+def segment_reduce(src: Tensor, reduce: str, ptr: Tensor) -> Tensor:
+    """``torch.segment_reduce(src, reduce, offsets=ptr, axis=0)`` for ``"sum"`` and ``"max"`` (``ptr`` int64, from
+    0), by the compiled kernel where it runs (the same sums, in the same order; torch's is a single-threaded scalar
+    loop), else by torch. Not differentiable: for the backward passes of the softmaxes here."""
+    out = src.new_empty((ptr.numel() - 1, *src.shape[1:]))
+    if run_segment_reduce(src.contiguous(), ptr, reduce, out):
+        return out
+    return torch.segment_reduce(src, reduce, offsets=ptr, axis=0)
+
+
 class _SegmentSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src: Tensor, ptr: Tensor) -> Tensor:
         # The same operations as torch_geometric.utils.softmax(src, ptr=ptr), so the values are bit for bit PyG's.
         count = ptr[1:] - ptr[:-1]
         size = src.size(0)
-        src_max = torch.segment_reduce(src, "max", offsets=ptr, axis=0)
+        src_max = segment_reduce(src, "max", ptr)
         src_max = torch.where(src_max.isinf(), 0, src_max)  # empty segments; they have no entry to shift
         out = (src - src_max.repeat_interleave(count, dim=0, output_size=size)).exp_()
-        out_sum = torch.segment_reduce(out, "sum", offsets=ptr, axis=0) + 1e-16
+        out_sum = segment_reduce(out, "sum", ptr) + 1e-16
         out.div_(out_sum.repeat_interleave(count, dim=0, output_size=size))
         ctx.save_for_backward(out, ptr, count)
         return out
@@ -427,7 +437,7 @@ class _SegmentSoftmax(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         out, ptr, count = ctx.saved_tensors
         # d softmax: p * (g - sum_segment(p * g)), one pass instead of autograd's trip through every forward step.
-        dot = torch.segment_reduce(out * grad, "sum", offsets=ptr, axis=0)
+        dot = segment_reduce(out * grad, "sum", ptr)
         return (grad - dot.repeat_interleave(count, dim=0, output_size=out.size(0))).mul_(out), None
 
 
