@@ -1,4 +1,5 @@
-/* CPU kernels for the two sparse products of sparse.py, built and loaded by native.py (ctypes; no Python API).
+/* CPU kernels for the sparse products and segment reductions of sparse.py, built and loaded by native.py (ctypes; no
+ * Python API).
  *
  * spmm:  out[r, :] = sum over the row's entries k, in storage order, of w_k * x[col[k], :], where w_k is values[k], or
  *        values[order[k]] when an order is given (a transposed product reads the forward's values in place)
@@ -11,15 +12,15 @@
  * segment sum / max: out[s, :] reduces src[offsets[s] .. offsets[s + 1]) row by row in order, from 0 or -inf, as
  * torch.segment_reduce does (a NaN wins the max from there on until the next NaN), vectorised over the columns.
  *
- * Both are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product and torch's
+ * The products are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product and torch's
  * sampled product wait for each row in turn; these ask for the row PREFETCH entries ahead, which is most of why they
  * run 2.5-3x faster on Tiktok-sized patterns. The sums are the ones those kernels compute, so results do not change:
  * spmm accumulates every output element over the row's entries in order, multiplying then adding (no fused
  * multiply-add: built with -ffp-contract=off), as MKL's product does; sddmm sums as torch's AVX2 map2_reduce_all:
  * eight lanes over the width, then the two halves, the pairs and the neighbours of the eight lanes.
  *
- * Rows are split into one contiguous range per thread with about equal numbers of entries; the calling thread takes
- * the first range. Indices are int32 (sparse.py stores them so), values and features float32, all contiguous.
+ * Rows (segments) are split into one contiguous range per thread with about equal numbers of entries; the calling
+ * thread takes the first range. torch's segment_reduce is a single-threaded scalar loop. Indices are int32 (sparse.py stores them so), values and features float32, all contiguous.
  */
 #include <immintrin.h>
 #include <pthread.h>

@@ -1,4 +1,4 @@
-r"""Compiled CPU kernels for :func:`~.sparse.spmm` and :func:`~.sparse.sddmm`: the same sums, 2.5-3x faster.
+r"""Compiled CPU kernels for the sparse products and segment reductions of :mod:`.sparse`: the same sums, faster.
 
 On CPU both sparse products spend their time gathering one row of features per stored entry. MKL's CSR product and
 torch's sampled product (the kernels :mod:`.sparse` calls otherwise) wait for each row in turn; ``kernels.c`` asks for
@@ -13,7 +13,11 @@ independent order-exact reference):
 - ``sddmm``: each dot product sums eight lanes over the width, then the halves, pairs and neighbours of the lanes, as
   torch's AVX2 kernel does (so only widths that are multiples of 8 run here; others go to torch). Where torch runs
   its AVX-512 kernels instead, its sampled product sums sixteen lanes and can differ from these in the last bit; the
-  compiled sums are the same on every machine.
+  compiled sums are the same on every machine;
+- headed products (:func:`~.sparse.headed_spmm`, :func:`~.sparse.headed_sddmm`): each head's sums are those of one
+  product for that head alone, while the row of all heads is gathered once;
+- segment sum and max: ``torch.segment_reduce``'s sequential loop (and NaN rule), vectorised over the columns and
+  threaded.
 
 The source is built on first use with the system C compiler (``$CC``, else ``cc``) into a cache directory
 (``$GRCN_BENCH_CACHE``, else ``$XDG_CACHE_HOME/grcn-bench`` or ``~/.cache/grcn-bench``), one file per source and
