@@ -8,7 +8,7 @@ PyG gathers and scatters one message per edge (at Tiktok scale, 1.1 M directed e
 - :class:`CSRGATConv`: :class:`~torch_geometric.nn.GATConv` (Veličković et al., ICLR 2018, Eqs. 1-5) whose forward
   also takes the graph, meaning its edges plus one self-loop per node; the softmax runs over CSR segments with the
   self-loop apart (:class:`SelfLoopSoftmax`, logits by :class:`EdgeScoreSum`) and the heads aggregate as one
-  block-diagonal product.
+  headed product (:func:`~.sparse.headed_spmm`).
 - :func:`l2_normalize`: ``F.normalize(x, dim=-1)`` with a one-pass backward (DisenGCN normalises every channel
   at every routing step).
 
@@ -187,8 +187,8 @@ class CSRGATConv(GATConv):
 
     then the heads concatenated (or averaged) plus the bias, as PyG does. Given the graph, the node scores of all
     heads are one product with :func:`attention_matrix`, the softmax runs over CSR segments with the self-loop apart
-    (:class:`SelfLoopSoftmax`) and the weighted sum is a sparse product plus the self term (the heads as one
-    block-diagonal product, :func:`stack_pattern`), where PyG gathers and scatters ``[E + N, H, C]`` messages.
+    (:class:`SelfLoopSoftmax`) and the weighted sum is a sparse product plus the self term (all heads in one pass,
+    :func:`~.sparse.headed_spmm`), where PyG gathers and scatters ``[E + N, H, C]`` messages.
     Values can differ in float round-off only (the order of the terms of the attention logits and of the weighted
     sums). With the graph, the layer must have ``add_self_loops=False`` (the self-loops are the graph input's), one
     shared input projection, no edge features and no residual (``ValueError`` otherwise); any other input is PyG's
