@@ -120,7 +120,8 @@ def test_threads_split_rows_without_changing_a_bit(threads, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for pattern in (random_pattern(40, 30, 0.3, seed=2), random_pattern(3, 5, 0.5, seed=3)):  # rows < threads
+        # rows in many blocks of 64 (threads take them from a shared counter), and fewer rows than threads
+        for pattern in (random_pattern(700, 30, 0.2, seed=2), random_pattern(3, 5, 0.5, seed=3)):
             values, x, a = _operands(pattern, 16)
             out = torch.empty(pattern.num_rows, 16)
             assert native.run_spmm(pattern.rowptr, pattern.col, values, x, out)
