@@ -164,6 +164,39 @@ def test_what_the_kernels_leave_to_torch():
 
 
 @needs_native
+def test_operands_that_do_not_fit_the_pattern_are_refused():
+    """Shapes the kernels would read or write past are left to torch (which raises), never run."""
+    pattern = random_pattern(20, 30, 0.2)
+    values, x, a = _operands(pattern, 16)
+    rowptr, col = pattern.rowptr, pattern.col
+    out = torch.full((20, 16), 7.0)
+    assert not native.run_spmm(rowptr, col, values, x[:, :8], out)  # narrower features than the output
+    assert not native.run_spmm(rowptr, col, values[:-1], x, out)  # a weight short
+    assert not native.run_spmm(rowptr, col, values, x, out[:-1])  # rows not those of the row pointer
+    assert not native.run_spmm(rowptr, col[:-1], values[:-1], x, out)  # the row pointer runs past col
+    assert (out == 7.0).all()
+    dots = torch.full((pattern.nnz,), 7.0)
+    assert not native.run_sddmm(rowptr, col, a, x[:, :8], dots)
+    assert not native.run_sddmm(rowptr, col, a, x, dots[:-1])
+    assert not native.run_sddmm(rowptr, col, a[:-1], x, dots)
+    assert (dots == 7.0).all()
+    ptr = torch.tensor([0, 2, 5])
+    assert not native.run_segment_reduce(torch.randn(4, 8), ptr, "sum", torch.empty(2, 8))  # offsets past src
+    assert not native.run_segment_reduce(torch.randn(5, 8), ptr, "sum", torch.empty(3, 8))
+
+
+def test_torch_csr_wraps_the_values_tensor_without_a_copy():
+    """sparse._sddmm_raw's torch path writes its result through a CSR tensor built around the output."""
+    values = torch.zeros(3)
+    matrix = sparse._csr(torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 0, 1], dtype=torch.int32),
+                         values, (2, 2))
+    assert matrix.values().data_ptr() == values.data_ptr()
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    torch.sparse.sampled_addmm(matrix, a, b.t(), beta=0.0, out=matrix)
+    torch.testing.assert_close(values, torch.stack([a[0] @ b[0], a[1] @ b[0], a[1] @ b[1]]))
+
+
+@needs_native
 @needs_torch_avx2
 @pytest.mark.parametrize("channels", [None, 3])
 def test_products_and_gradients_equal_torchs_kernels_bit_for_bit(channels, monkeypatch):
@@ -241,6 +274,10 @@ def _headed_operands(pattern: CSRPattern, heads: int, width: int, seed: int = 7)
     return values, x, a
 
 
+def ordered_spmm_heads(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([ordered_spmm(pattern, values[:, h], x[:, h]) for h in range(x.size(1))], dim=1)
+
+
 def _headed_run(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> list[torch.Tensor]:
     leaves = [t.clone().requires_grad_() for t in (values, x, a)]
     product = sparse.headed_spmm(pattern, leaves[0], leaves[1])
@@ -266,10 +303,6 @@ def test_headed_products_are_one_product_per_head_bit_for_bit(heads, width):
             assert torch.equal(grad[:, h], head_result[:, 0])
     if width % 8 == 0:
         assert torch.equal(product, ordered_spmm_heads(pattern, values, x))
-
-
-def ordered_spmm_heads(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.stack([ordered_spmm(pattern, values[:, h], x[:, h]) for h in range(x.size(1))], dim=1)
 
 
 @needs_native

@@ -148,11 +148,15 @@ def use_kernels(choice: str) -> Iterator[None]:
         _load.cache_clear()
 
 
-def _eligible(rowptr: Tensor, col: Tensor, *floats: Tensor) -> bool:
+def _eligible(rowptr: Tensor, col: Tensor, rows: int, *floats: Tensor) -> bool:
+    """int32 indices whose row pointer has ``rows + 1`` entries inside ``col``, and float32 CPU operands, all
+    contiguous. The kernels trust the rest of the pattern (columns inside the operand, ``value_order`` a permutation):
+    :class:`~.sparse.CSRPattern`'s builders check them once."""
     return (
-        rowptr.dtype == torch.int32 and col.dtype == torch.int32
+        rowptr.dtype == torch.int32 and col.dtype == torch.int32 and rowptr.is_contiguous() and col.is_contiguous()
+        and rowptr.dim() == 1 and rowptr.numel() == rows + 1
         and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in floats)
-        and rowptr.is_contiguous() and col.is_contiguous()
+        and 0 <= int(rowptr[0]) and int(rowptr[-1]) <= col.numel()
     )
 
 
@@ -170,12 +174,13 @@ def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor
     ``values[value_order[k]]`` (int64) when given. ``x [C, d]`` and ``out [R, d]`` (every row written); or, with
     ``values [nnz, H]``, ``x [C, H, d]`` and ``out [R, H, d]``, head ``h`` weighted by ``values[:, h]`` (``d`` a
     multiple of 8). Runs when the kernels are loaded and the operands qualify (float32 CPU, int32 indices,
-    contiguous) and returns ``True``; else writes nothing and returns ``False``. ``rowptr`` must start at 0."""
+    contiguous, matching shapes) and returns ``True``; else writes nothing and returns ``False``."""
     library = native_kernels()
     heads = values.size(1) if values.dim() == 2 else 1
-    headed_shapes = x.dim() == 3 and x.size(1) == heads and out.dim() == 3 and x.size(2) % 8 == 0
-    if (library is None or not (x.dim() == 2 and values.dim() == 1 or values.dim() == 2 and headed_shapes)
-            or not _eligible(rowptr, col, values, x, out)):
+    plain = values.dim() == 1 and x.dim() == 2
+    headed = values.dim() == 2 and x.dim() == 3 and x.size(1) == heads and x.size(2) % 8 == 0
+    if (library is None or not (plain or headed) or out.dim() != x.dim() or out.shape[1:] != x.shape[1:]
+            or values.size(0) != col.numel() or not _eligible(rowptr, col, out.size(0), values, x, out)):
         return False
     if value_order is not None and (value_order.dtype != torch.int64 or not value_order.is_contiguous()
                                     or value_order.numel() != col.numel()):
@@ -190,13 +195,13 @@ def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor
 def run_sddmm(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, out: Tensor) -> bool:
     """``out[k] = a[r_k] . b[col[k]]`` for every entry (``a [R, d]``, ``b [C, d]``, ``out [nnz]``), or per head
     (``a [R, H, d]``, ``b [C, H, d]``, ``out [nnz, H]``), when the kernels are loaded, the operands qualify and ``d``
-    is a positive multiple of 8; ``False`` (nothing written) otherwise. ``rowptr`` must start at 0."""
+    is a positive multiple of 8; ``False`` (nothing written) otherwise."""
     library = native_kernels()
     heads = a.size(1) if a.dim() == 3 else 1
     width = a.size(-1)
-    shapes = (a.dim() == 2 and out.dim() == 1 or a.dim() == 3 and out.dim() == 2 and out.size(1) == heads)
-    if (library is None or not shapes or b.dim() != a.dim() or width == 0 or width % 8
-            or not _eligible(rowptr, col, a, b, out)):
+    shapes = a.dim() in (2, 3) and b.shape[1:] == a.shape[1:] and out.shape == (col.numel(), *a.shape[1:-1])
+    if (library is None or not shapes or width == 0 or width % 8
+            or not _eligible(rowptr, col, a.size(0), a, b, out)):
         return False
     library.grcn_bench_sddmm_f32(_pointer(rowptr), _pointer(col), _pointer(a), _pointer(b), _pointer(out),
                                  a.size(0), width * heads, heads, _threads(col.numel() * width * heads))
@@ -206,12 +211,14 @@ def run_sddmm(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, out: Tensor) ->
 def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -> bool:
     """``out[s] = reduce(src[offsets[s]:offsets[s + 1]])`` over dimension 0 (``reduce`` ``"sum"`` or ``"max"``; an
     empty segment gives 0 or -inf) with the sums and NaN rule of ``torch.segment_reduce``, when the kernels are loaded
-    and the operands qualify (float32 CPU contiguous, int64 offsets from 0); ``False`` (nothing written) otherwise."""
+    and the operands qualify (float32 CPU contiguous, int64 offsets inside ``src``; their order is trusted, as that of
+    a CSR row pointer); ``False`` (nothing written) otherwise."""
     library = native_kernels()
     if (library is None or reduce not in ("sum", "max") or offsets.dtype != torch.int64 or offsets.dim() != 1
             or not offsets.is_contiguous() or src.dim() < 1 or out.shape[1:] != src.shape[1:]
             or out.size(0) != offsets.numel() - 1 or not all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                                             and t.is_contiguous() for t in (src, out))):
+                                                             and t.is_contiguous() for t in (src, out))
+            or 0 > int(offsets[0]) or int(offsets[-1]) > src.size(0)):
         return False
     width = src.shape[1:].numel()
     library.grcn_bench_segment_f32(_pointer(offsets), _pointer(src), _pointer(out), out.size(0), width,

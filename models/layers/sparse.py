@@ -50,7 +50,7 @@ attention, x)`` instead of PyG's gather and scatter; heads or channels are the l
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -298,120 +298,89 @@ def _sddmm_raw(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
         channel_a, channel_b = channel_a.contiguous(), channel_b.contiguous()
         if not run_sddmm(rowptr, col, channel_a, channel_b, channel_out):
             out = _csr(rowptr, col, channel_out.zero_(), (channel_a.size(0), channel_b.size(0)))  # beta=0 reads it
+            # The CSR tensor wraps channel_out as its values, no copy (a test checks it): the result lands there.
             torch.sparse.sampled_addmm(out, channel_a, channel_b.t(), beta=0.0, out=out)
-            if out.values().data_ptr() != channel_out.data_ptr():  # torch wraps it without a copy; should one not
-                channel_out.copy_(out.values())
     return products
 
 
 # ---------------------------------------------------------------------------------------------- autograd functions
 
 
+def _compiled(out: Tensor, ran: bool) -> Tensor:
+    """``out``, written by a compiled kernel that took the operands (:func:`headed_spmm` checked them first)."""
+    if not ran:
+        raise RuntimeError("the compiled sparse kernels refused the operands of a headed product")
+    return out
+
+
+def _headed_spmm_raw(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, num_rows: int,
+                     value_order: Tensor | None = None) -> Tensor:
+    """``[R, H, d]`` for ``values [nnz, H]``, ``x [C, H, d]``: head ``h`` of each row is one :func:`_spmm_raw` with
+    ``values[:, h]``, every head's row gathered once (compiled kernels only)."""
+    x = x.contiguous()
+    out = x.new_empty(num_rows, *x.shape[1:])
+    return _compiled(out, run_spmm(rowptr, col, values.contiguous(), x, out, value_order=value_order))
+
+
+def _headed_sddmm_raw(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``[nnz, H]`` for ``a [R, H, d]``, ``b [C, H, d]``: one :func:`_sddmm_raw` per head (compiled kernels only)."""
+    out = a.new_empty(col.numel(), a.size(1))
+    return _compiled(out, run_sddmm(rowptr, col, a.contiguous(), b.contiguous(), out))
+
+
+def _kernels(headed: bool) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The raw product and sampled product: one channel (or channel-major ``[M, ...]``), or node-major heads."""
+    return (_headed_spmm_raw, _headed_sddmm_raw) if headed else (_spmm_raw, _sddmm_raw)
+
+
 class _SpMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
-        ctx.pattern = pattern
+    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor, headed: bool) -> Tensor:
+        ctx.pattern, ctx.headed = pattern, headed
         ctx.save_for_backward(values, x)
-        return _spmm_raw(pattern.rowptr, pattern.col, values, x, pattern.num_rows)
+        spmm_raw, _ = _kernels(headed)
+        return spmm_raw(pattern.rowptr, pattern.col, values, x, pattern.num_rows)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, None]:
         pattern: CSRPattern = ctx.pattern
         values, x = ctx.saved_tensors
+        spmm_raw, sddmm_raw = _kernels(ctx.headed)
         grad_values = grad_x = None
-        if ctx.needs_input_grad[1]:  # dL/dw_k = dL/dy[r_k] . x[col_k]
-            grad_values = _sddmm_raw(pattern.rowptr, pattern.col, grad, x)
+        if ctx.needs_input_grad[1]:  # dL/dw_k = dL/dy[r_k] . x[col_k] (per head)
+            grad_values = sddmm_raw(pattern.rowptr, pattern.col, grad, x)
         if ctx.needs_input_grad[2]:  # dL/dX = A^T dL/dY; A^T's values are the forward's, permuted by t_perm
-            grad_x = _spmm_raw(pattern.t_rowptr, pattern.t_col, values, grad, pattern.num_cols, pattern.t_perm)
-        return None, grad_values, grad_x
+            grad_x = spmm_raw(pattern.t_rowptr, pattern.t_col, values, grad, pattern.num_cols, pattern.t_perm)
+        return None, grad_values, grad_x, None
 
 
 class _SDDMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
-        ctx.pattern = pattern
+    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor, headed: bool) -> Tensor:
+        ctx.pattern, ctx.headed = pattern, headed
         ctx.save_for_backward(a, b)
-        return _sddmm_raw(pattern.rowptr, pattern.col, a, b)
+        _, sddmm_raw = _kernels(headed)
+        return sddmm_raw(pattern.rowptr, pattern.col, a, b)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, None]:
         pattern: CSRPattern = ctx.pattern
         a, b = ctx.saved_tensors
+        spmm_raw, _ = _kernels(ctx.headed)
         grad_a = grad_b = None
-        if ctx.needs_input_grad[1]:  # dL/da_r = sum over row r of dL/dz_k b[col_k]
-            grad_a = _spmm_raw(pattern.rowptr, pattern.col, grad, b, pattern.num_rows)
+        if ctx.needs_input_grad[1]:  # dL/da_r = sum over row r of dL/dz_k b[col_k] (per head)
+            grad_a = spmm_raw(pattern.rowptr, pattern.col, grad, b, pattern.num_rows)
         if ctx.needs_input_grad[2]:  # dL/db_c = sum over column c of dL/dz_k a[r_k]
-            grad_b = _spmm_raw(pattern.t_rowptr, pattern.t_col, grad, a, pattern.num_cols, pattern.t_perm)
-        return None, grad_a, grad_b
-
-
-def _compiled(*args: Tensor | bool) -> Tensor:
-    """The output of a compiled kernel that the forward's operands qualified for (the backward's do as well)."""
-    out, ran = args[0], args[1]
-    if not ran:
-        raise RuntimeError("the compiled sparse kernels refused operands they took in the forward pass")
-    return out
-
-
-class _HeadedSpMM(torch.autograd.Function):
-    """``values [nnz, H]``, ``x [C, H, d]`` → ``[R, H, d]`` with the compiled kernels, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
-        ctx.pattern = pattern
-        ctx.save_for_backward(values, x)
-        out = x.new_empty(pattern.num_rows, *x.shape[1:])
-        return _compiled(out, run_spmm(pattern.rowptr, pattern.col, values, x, out))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
-        pattern: CSRPattern = ctx.pattern
-        values, x = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_values = grad_x = None
-        if ctx.needs_input_grad[1]:  # dL/dw_kh = dL/dy[r_k, h] . x[col_k, h]
-            grad_values = values.new_empty(values.shape)
-            _compiled(grad_values, run_sddmm(pattern.rowptr, pattern.col, grad, x, grad_values))
-        if ctx.needs_input_grad[2]:  # dL/dX = A_h^T dL/dY per head, A^T's weights read through t_perm
-            grad_x = x.new_empty(x.shape)
-            _compiled(grad_x, run_spmm(pattern.t_rowptr, pattern.t_col, values, grad, grad_x,
-                                       value_order=pattern.t_perm))
-        return None, grad_values, grad_x
-
-
-class _HeadedSDDMM(torch.autograd.Function):
-    """``a [R, H, d]``, ``b [C, H, d]`` → ``[nnz, H]`` with the compiled kernels, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
-        ctx.pattern = pattern
-        ctx.save_for_backward(a, b)
-        out = a.new_empty(pattern.nnz, a.size(1))
-        return _compiled(out, run_sddmm(pattern.rowptr, pattern.col, a, b, out))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
-        pattern: CSRPattern = ctx.pattern
-        a, b = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[1]:  # dL/da_rh = sum over row r of dL/dz_kh b[col_k, h]
-            grad_a = a.new_empty(a.shape)
-            _compiled(grad_a, run_spmm(pattern.rowptr, pattern.col, grad, b, grad_a))
-        if ctx.needs_input_grad[2]:  # dL/db_ch = sum over column c of dL/dz_kh a[r_k, h]
-            grad_b = b.new_empty(b.shape)
-            _compiled(grad_b, run_spmm(pattern.t_rowptr, pattern.t_col, grad, a, grad_b, value_order=pattern.t_perm))
-        return None, grad_a, grad_b
+            grad_b = spmm_raw(pattern.t_rowptr, pattern.t_col, grad, a, pattern.num_cols, pattern.t_perm)
+        return None, grad_a, grad_b, None
 
 
 def segment_reduce(src: Tensor, reduce: str, ptr: Tensor) -> Tensor:
     """``torch.segment_reduce(src, reduce, offsets=ptr, axis=0)`` for ``"sum"`` and ``"max"`` (``ptr`` int64, from
     0), by the compiled kernel where it runs (the same sums, in the same order; torch's is a single-threaded scalar
-    loop), else by torch. Not differentiable: for the backward passes of the softmaxes here."""
+    loop), else by torch. Not differentiable: it runs inside the softmaxes' own autograd functions."""
     out = src.new_empty((ptr.numel() - 1, *src.shape[1:]))
     if run_segment_reduce(src.contiguous(), ptr, reduce, out):
         return out
@@ -477,7 +446,7 @@ def spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
             f"spmm: pattern [{pattern.num_rows}, {pattern.num_cols}] with {pattern.nnz} entries, got values "
             f"{tuple(values.shape)} and features {tuple(x.shape)}"
         )
-    return _SpMM.apply(pattern, values, x)
+    return _SpMM.apply(pattern, values, x, False)
 
 
 def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
@@ -490,7 +459,7 @@ def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
             f"sddmm: pattern [{pattern.num_rows}, {pattern.num_cols}], got left {tuple(a.shape)} and right "
             f"{tuple(b.shape)}"
         )
-    return _SDDMM.apply(pattern, a, b)
+    return _SDDMM.apply(pattern, a, b, False)
 
 
 def _compiled_heads(pattern: CSRPattern, *tensors: Tensor) -> bool:
@@ -524,7 +493,7 @@ def headed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
                          f"got values {tuple(values.shape)} and features {tuple(x.shape)}")
     heads, width = x.size(1), x.size(2)
     if _compiled_heads(pattern, values, x):
-        return _HeadedSpMM.apply(pattern, values.contiguous(), x.contiguous())
+        return _SpMM.apply(pattern, values, x, True)
     out = spmm(stack_pattern(pattern, heads), values.t().contiguous().view(-1),
                x.transpose(0, 1).contiguous().view(-1, width))
     return out.view(heads, pattern.num_rows, width).transpose(0, 1)
@@ -544,7 +513,7 @@ def headed_sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
                          f"{tuple(a.shape)} and right {tuple(b.shape)}")
     heads, width = a.size(1), a.size(2)
     if _compiled_heads(pattern, a, b):
-        return _HeadedSDDMM.apply(pattern, a.contiguous(), b.contiguous())
+        return _SDDMM.apply(pattern, a, b, True)
     block = stack_pattern(pattern, heads)
     products = sddmm(block, a.transpose(0, 1).contiguous().view(-1, width),
                      b.transpose(0, 1).contiguous().view(-1, width))
