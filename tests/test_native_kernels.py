@@ -145,7 +145,7 @@ def test_no_entries_and_no_rows():
 
 
 @needs_native
-def test_what_the_kernels_leave_to_torch():
+def test_what_the_kernels_leave_to_torch_or_refuse():
     pattern = random_pattern(20, 30, 0.2)
     values, x, a = _operands(pattern, 12)
     rowptr, col = pattern.rowptr, pattern.col
@@ -155,34 +155,28 @@ def test_what_the_kernels_leave_to_torch():
     assert not native.run_spmm(rowptr.long(), col.long(), values, x, out)
     assert not native.run_spmm(rowptr, col, values, x.t().contiguous().t(), out)  # not contiguous
     assert (out == 7.0).all()  # nothing written
-    # ... and the public products still compute them, through torch.
+    # Shapes the kernels would read or write past are refused too (torch then raises), never run.
+    values16, x16, a16 = _operands(pattern, 16)
+    out16 = torch.full((20, 16), 7.0)
+    assert not native.run_spmm(rowptr, col, values16, x16[:, :8], out16)  # narrower features than the output
+    assert not native.run_spmm(rowptr, col, values16[:-1], x16, out16)  # a weight short
+    assert not native.run_spmm(rowptr, col, values16, x16, out16[:-1])  # rows not those of the row pointer
+    assert not native.run_spmm(rowptr, col[:-1], values16[:-1], x16, out16)  # the row pointer runs past col
+    assert (out16 == 7.0).all()
+    dots = torch.full((pattern.nnz,), 7.0)
+    assert not native.run_sddmm(rowptr, col, a16, x16[:, :8], dots)
+    assert not native.run_sddmm(rowptr, col, a16, x16, dots[:-1])
+    assert not native.run_sddmm(rowptr, col, a16[:-1], x16, dots)
+    assert (dots == 7.0).all()
+    ptr = torch.tensor([0, 2, 5])
+    assert not native.run_segment_reduce(torch.randn(4, 8), ptr, "sum", torch.empty(2, 8))  # offsets past src
+    assert not native.run_segment_reduce(torch.randn(5, 8), ptr, "sum", torch.empty(3, 8))
+    # ... and the public products still compute what is left to torch.
     rows = torch.repeat_interleave(torch.arange(20), rowptr.diff().long())
     dense = torch.zeros(20, 30, dtype=torch.float64).index_put_((rows, col.long()), values.double())
     torch.testing.assert_close(sparse.spmm(pattern, values, x).double(), dense @ x.double(), rtol=1e-5, atol=1e-5)
     dense_dots = (a.double() @ x.double().t())[rows, col.long()]
     torch.testing.assert_close(sparse.sddmm(pattern, a, x).double(), dense_dots, rtol=1e-5, atol=1e-5)
-
-
-@needs_native
-def test_operands_that_do_not_fit_the_pattern_are_refused():
-    """Shapes the kernels would read or write past are left to torch (which raises), never run."""
-    pattern = random_pattern(20, 30, 0.2)
-    values, x, a = _operands(pattern, 16)
-    rowptr, col = pattern.rowptr, pattern.col
-    out = torch.full((20, 16), 7.0)
-    assert not native.run_spmm(rowptr, col, values, x[:, :8], out)  # narrower features than the output
-    assert not native.run_spmm(rowptr, col, values[:-1], x, out)  # a weight short
-    assert not native.run_spmm(rowptr, col, values, x, out[:-1])  # rows not those of the row pointer
-    assert not native.run_spmm(rowptr, col[:-1], values[:-1], x, out)  # the row pointer runs past col
-    assert (out == 7.0).all()
-    dots = torch.full((pattern.nnz,), 7.0)
-    assert not native.run_sddmm(rowptr, col, a, x[:, :8], dots)
-    assert not native.run_sddmm(rowptr, col, a, x, dots[:-1])
-    assert not native.run_sddmm(rowptr, col, a[:-1], x, dots)
-    assert (dots == 7.0).all()
-    ptr = torch.tensor([0, 2, 5])
-    assert not native.run_segment_reduce(torch.randn(4, 8), ptr, "sum", torch.empty(2, 8))  # offsets past src
-    assert not native.run_segment_reduce(torch.randn(5, 8), ptr, "sum", torch.empty(3, 8))
 
 
 def test_torch_csr_wraps_the_values_tensor_without_a_copy():
