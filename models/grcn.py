@@ -19,6 +19,7 @@ from grcn_bench.datasets.base import MODALITIES, DatasetInfo, InteractionGraph
 
 from . import register_model
 from .base import Embeddings, Recommender
+from .layers.dense import linear
 from .layers.refine import (
     Fusion,
     Pruning,
@@ -243,9 +244,9 @@ class GRCN(Recommender):
             torch.nn.init.xavier_uniform_(self.base_vectors)
         if self.word_embedding is not None:
             torch.nn.init.xavier_uniform_(self.word_embedding)
-        for linear in self.projections.values():
-            torch.nn.init.xavier_uniform_(linear.weight)
-            torch.nn.init.zeros_(linear.bias)
+        for projection in self.projections.values():
+            torch.nn.init.xavier_uniform_(projection.weight)
+            torch.nn.init.zeros_(projection.bias)
 
     def item_content(self, graph: InteractionGraph) -> Tensor:
         r"""``[M, I, d]`` distilled item content :math:`\bar{\mathbf{i}}_m` of every modality (Eq. 1)."""
@@ -259,8 +260,9 @@ class GRCN(Recommender):
                 if m not in graph.features:
                     raise ValueError(f"the graph has no features for modality {m!r} (it has {sorted(graph.features)})")
                 raw = graph.features[m]
-            content = raw if m not in self.projections else F.leaky_relu(self.projections[m](raw))
-            blocks.append(l2_normalize(content))
+            if m in self.projections:
+                raw = F.leaky_relu(linear(raw, self.projections[m].weight, self.projections[m].bias))
+            blocks.append(l2_normalize(raw))
         return torch.stack(blocks)
 
     def user_preferences(

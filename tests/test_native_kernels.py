@@ -30,9 +30,9 @@ needs_torch_avx2 = pytest.mark.skipif(
 @pytest.fixture
 def fresh_loader():
     """Forget the loaded kernels before and after the test (its monkeypatched environment decides what loads)."""
-    native._load.cache_clear()
+    native.forget_loaded()
     yield
-    native._load.cache_clear()
+    native.forget_loaded()
 
 
 def random_pattern(rows: int, cols: int, density: float, seed: int = 0) -> CSRPattern:
@@ -216,7 +216,7 @@ def test_products_and_gradients_equal_torchs_kernels_bit_for_bit(channels, monke
 
 @needs_native
 @needs_torch_avx2
-@pytest.mark.parametrize("name", ["grcn", "disengcn", "gat"])
+@pytest.mark.parametrize("name", ["grcn", "disengcn", "gat", "mmgcn", "ngcf", "graphsage"])
 def test_training_is_bit_for_bit_the_same_with_either_kernels(name):
     dataset = load_dataset("synthetic:tiny")
     settings = TrainSettings(lr=0.01, seed=0, batch_size=256, max_epochs=2)
@@ -359,7 +359,7 @@ def test_other_machines_use_torchs_kernels(fresh_loader, monkeypatch):
     monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert native.native_kernels() is None and "not an x86-64 CPU (aarch64)" in native.kernel_status()
-    native._load.cache_clear()
+    native.forget_loaded()
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert native.native_kernels() is None and "lacks AVX2" in native.kernel_status()
@@ -397,7 +397,7 @@ def test_the_build_is_kept_and_reused(fresh_loader, monkeypatch, tmp_path):
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
     assert native.kernel_status() == f"native ({built[0]})"
-    native._load.cache_clear()
+    native.forget_loaded()
 
     def no_second_build(*args):
         raise AssertionError("rebuilt a kernel library that was already built")

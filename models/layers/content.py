@@ -17,6 +17,8 @@ from torch import Tensor
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
+from .dense import linear
+
 
 def xavier_linear(in_features: int, out_features: int, *, bias: bool = True) -> torch.nn.Linear:
     """A ``Linear`` layer initialised the suite's way (Xavier-uniform weight, zero bias; SPEC §2.1)."""
@@ -133,7 +135,7 @@ class ItemContentInput(torch.nn.Module):
         weight, offset = self.projection.weight, 0
         out = self.projection.bias
         for x, width in zip(self.modality_inputs(graph), self.widths, strict=True):
-            part = F.linear(x, weight[:, offset : offset + width])
+            part = linear(x, weight[:, offset : offset + width])
             offset += width
             if self.normalize:  # F.normalize's denominator: the row norm, at least 1e-12
                 part = part / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)

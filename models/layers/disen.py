@@ -12,6 +12,7 @@ from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
 from .content import reset_xavier, xavier_linear
+from .dense import linear
 from .edge_ops import l2_normalize
 from .sparse import CSRPattern, sddmm, spmm, stack_pattern
 
@@ -78,7 +79,8 @@ class NeighRoutingConv(MessagePassing):
 
     def channels(self, x: Tensor) -> Tensor:
         """``[N, K, channel_dim]``: the per-channel projections, ReLU, each channel L2-normalised."""
-        z = F.relu(self.lin(x), inplace=True).view(-1, self.num_channels, self.channel_dim)  # on a fresh product
+        z = F.relu(linear(x, self.lin.weight, self.lin.bias), inplace=True)  # in place on a fresh product
+        z = z.view(-1, self.num_channels, self.channel_dim)
         return l2_normalize(z)
 
     def forward(

@@ -26,6 +26,7 @@ from torch_geometric.nn import GATConv, SAGEConv
 
 from grcn_bench.datasets.base import InteractionGraph
 
+from .dense import linear
 from .sparse import CSRPattern, graph_pattern, headed_spmm, segment_reduce, spmm
 
 
@@ -97,7 +98,8 @@ class CSRSAGEConv(SAGEConv):
             return super().forward(x, edge_index, size)
         if self.aggr != "mean" or not self.root_weight or self.project or size is not None:
             raise ValueError("CSRSAGEConv takes a graph only with aggr='mean', root_weight=True, project=False")
-        out = self.lin_l(mean_aggregate(graph_pattern(edge_index), x, edge_index.degree())) + self.lin_r(x)
+        mean = mean_aggregate(graph_pattern(edge_index), x, edge_index.degree())
+        out = linear(mean, self.lin_l.weight, self.lin_l.bias) + linear(x, self.lin_r.weight, self.lin_r.bias)
         return F.normalize(out, p=2.0, dim=-1) if self.normalize else out
 
 
@@ -214,7 +216,7 @@ class CSRGATConv(GATConv):
 
     def _attend(self, x: Tensor, graph: InteractionGraph) -> tuple[Tensor, Tensor]:
         heads, channels, num_nodes = self.heads, self.out_channels, graph.num_nodes
-        h = self.lin(x).view(-1, heads, channels)
+        h = linear(x, self.lin.weight, self.lin.bias).view(-1, heads, channels)
         # a_src . W^h x and a_dst . W^h x of every node and head as one [N, H*C] x [H*C, 2H] product with a
         # block-diagonal matrix of the attention vectors (PyG multiplies and sums [N, H, C] twice; same values up to
         # round-off, a fraction of the passes forward and backward).

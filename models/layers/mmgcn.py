@@ -12,6 +12,7 @@ from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
 from .content import reset_xavier, xavier_linear
+from .dense import linear
 from .sparse import CSRPattern, spmm
 
 
@@ -78,13 +79,14 @@ class AggregateCombineConv(MessagePassing):
         slope = self.negative_slope
         # In-place activations act on fresh products whose backward does not read them: the same values, one
         # [N, out] allocation fewer each.
-        h = F.leaky_relu(self.aggregate_lin(mean), slope, inplace=True)
-        x_hat = F.leaky_relu(self.self_lin(x), slope, inplace=True) + id_embedding
+        # dense.linear: F.linear's values and gradients, bit for bit, from a faster product on CPU.
+        h = F.leaky_relu(linear(mean, self.aggregate_lin.weight), slope, inplace=True)
+        x_hat = F.leaky_relu(linear(x, self.self_lin.weight, self.self_lin.bias), slope, inplace=True) + id_embedding
         # W_3 [h ‖ x_hat] + b_3 as W_3[:, :out] h + b_3, then W_3[:, out:] x_hat accumulated into it: no [N, 2 out]
         # concatenation to write and to slice the gradient of (equal up to round-off).
         weight = self.combine_lin.weight
-        out = F.linear(h, weight[:, : self.out_channels], self.combine_lin.bias)
-        out = out.addmm_(x_hat, weight[:, self.out_channels :].t())
+        out = linear(h, weight[:, : self.out_channels], self.combine_lin.bias)
+        out = linear(x_hat, weight[:, self.out_channels :], add=out)
         return F.leaky_relu(out, slope, inplace=True)
 
     def message(self, x_j: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-r"""Compiled CPU kernels for the sparse products and segment reductions of :mod:`.sparse`: the same sums, faster.
+r"""Compiled CPU kernels for the sparse products and segment reductions of :mod:`.sparse` and the dense products of
+:mod:`.dense`: the same sums, faster.
 
 On CPU both sparse products spend their time gathering one row of features per stored entry. MKL's CSR product and
 torch's sampled product (the kernels :mod:`.sparse` calls otherwise) wait for each row in turn; ``kernels.c`` asks for
@@ -17,7 +18,15 @@ independent order-exact reference):
 - headed products (:func:`~.sparse.headed_spmm`, :func:`~.sparse.headed_sddmm`): each head's sums are those of one
   product for that head alone, while the row of all heads is gathered once;
 - segment sum and max: ``torch.segment_reduce``'s sequential loop (and NaN rule), vectorised over the columns and
-  threaded.
+  threaded;
+- dense products (:func:`run_gemm`, for the layers' linear maps): one fused multiply-add chain per output element,
+  which is how MKL sums products up to 192 deep on this project's machines, in register tiles that run at about 1.4x
+  MKL's rate there. Since MKL's order depends on the CPU, the first call compares the two on a few products shaped as
+  the layers' and keeps torch's where any bit differs (:func:`dense_products_status`).
+
+The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
+torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
+for a while after each operator (measured: a dense product right after a torch operator took 1.4-1.6x as long).
 
 The source is built on first use with the system C compiler (``$CC``, else ``cc``) into a cache directory
 (``$GRCN_BENCH_CACHE``, else ``$XDG_CACHE_HOME/grcn-bench`` or ``~/.cache/grcn-bench``), one file per source and
@@ -45,13 +54,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["kernel_status", "native_kernels", "run_sddmm", "run_segment_reduce", "run_spmm", "use_kernels"]
+__all__ = [
+    "dense_products_status", "forget_loaded", "kernel_status", "native_kernels", "run_gemm", "run_sddmm",
+    "run_segment_reduce", "run_spmm", "use_kernels",
+]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: -ffp-contract=off: a fused multiply-add would round differently from the kernels these replace.
-FLAGS = ("-O3", "-mavx2", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-mavx2", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 #: Below this many multiply-adds a product runs on the calling thread: starting a thread costs more than it saves.
 THREADED_ABOVE = 1 << 16
 ENV_SWITCH = "GRCN_BENCH_KERNELS"
@@ -114,7 +126,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_sddmm_f32.argtypes = [ctypes.c_void_p] * 5 + sizes
     library.grcn_bench_segment_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                                                          ctypes.c_int]
-    for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32):
+    # a, lda, b, bias, out, rows, depth, width, accumulate, threads
+    library.grcn_bench_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32,
+                   library.grcn_bench_gemm_f32):
         kernel.restype = None
     return library, f"native ({target})"
 
@@ -125,8 +141,12 @@ def native_kernels() -> ctypes.CDLL | None:
 
 
 def kernel_status() -> str:
-    """``"native (<path of the library>)"``, or why torch's kernels run instead."""
-    return _load()[1]
+    """``"native (<path of the library>)"``, or why torch's kernels run instead; with the native kernels, what
+    :func:`dense_products_status` says when the dense products are left to torch."""
+    library, status = _load()
+    if library is not None and not _dense_products()[0]:
+        status += f"; dense products: torch's ({_dense_products()[1]})"
+    return status
 
 
 @contextlib.contextmanager
@@ -137,7 +157,7 @@ def use_kernels(choice: str) -> Iterator[None]:
         raise ValueError(f"kernels must be 'native' or 'torch', got {choice!r}")
     previous = os.environ.get(ENV_SWITCH)
     os.environ[ENV_SWITCH] = choice
-    _load.cache_clear()
+    forget_loaded()
     try:
         yield
     finally:
@@ -145,7 +165,14 @@ def use_kernels(choice: str) -> Iterator[None]:
             os.environ.pop(ENV_SWITCH, None)
         else:
             os.environ[ENV_SWITCH] = previous
-        _load.cache_clear()
+        forget_loaded()
+
+
+def forget_loaded() -> None:
+    """Forget which kernels were loaded and what was found about them: the next call asks again (after a change of
+    ``GRCN_BENCH_KERNELS``, say)."""
+    _load.cache_clear()
+    _dense_products.cache_clear()
 
 
 def _eligible(rowptr: Tensor, col: Tensor, rows: int, *floats: Tensor) -> bool:
@@ -223,4 +250,77 @@ def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -
     width = src.shape[1:].numel()
     library.grcn_bench_segment_f32(_pointer(offsets), _pointer(src), _pointer(out), out.size(0), width,
                                    int(reduce == "max"), _threads(src.numel()))
+    return True
+
+
+#: The dense products run here only where MKL's sums are one multiply-add chain per output element over the whole
+#: depth (measured: up to 192; deeper products are summed in blocks) and the width is a multiple of 16 (narrower ones
+#: and products of fewer than a dozen rows take other MKL paths).
+GEMM_MAX_DEPTH = 192
+GEMM_MIN_ROWS = 32
+
+
+def _gemm_fits(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> bool:
+    rows, depth, width = a.size(0), a.size(1), b.size(1)
+    floats = (a, b, out) if bias is None else (a, b, out, bias)
+    return (
+        a.dim() == 2 and b.dim() == 2 and out.dim() == 2 and b.size(0) == depth and out.shape == (rows, width)
+        and GEMM_MIN_ROWS <= rows and 0 < depth <= GEMM_MAX_DEPTH and width > 0 and width % 16 == 0
+        and a.stride(1) == 1 and a.stride(0) >= depth and b.is_contiguous() and out.is_contiguous()
+        and (bias is None or (bias.shape == (width,) and bias.is_contiguous()))
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in floats)
+    )
+
+
+def _gemm(library: ctypes.CDLL, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, accumulate: bool) -> None:
+    rows, depth, width = a.size(0), a.size(1), b.size(1)
+    library.grcn_bench_gemm_f32(_pointer(a), a.stride(0), _pointer(b),
+                                ctypes.c_void_p(None) if bias is None else _pointer(bias), _pointer(out), rows, depth,
+                                width, int(accumulate), _threads(rows * depth * width))
+
+
+@functools.lru_cache(maxsize=1)
+def _dense_products() -> tuple[bool, str]:
+    """Whether this machine's torch computes the dense products with the sums of ``grcn_bench_gemm_f32``: asked once,
+    on operands shaped as the layers' (MKL's summation order depends on the CPU it runs on)."""
+    library = native_kernels()
+    if library is None:
+        return False, kernel_status()
+    generator = torch.Generator().manual_seed(0)
+    for rows, depth, width in ((37, 64, 64), (300, 192, 16), (100, 1, 48), (64, 100, 512), (40, 128, 64)):
+        weight = torch.randn(2 * width, depth, generator=generator)[:width]  # a slice, as the layers pass them
+        x = torch.randn(rows, 2 * depth, generator=generator)[:, :depth]
+        bias, start = torch.randn(width, generator=generator), torch.randn(rows, width, generator=generator)
+        grad = torch.randn(rows, width, generator=generator)
+        cases = [  # (a, b, bias, accumulate into, torch's product)
+            (x, weight.t(), None, None, x @ weight.t()),
+            (x, weight.t(), bias, None, torch.nn.functional.linear(x, weight, bias)),
+            (x, weight.t(), None, start, start.clone().addmm_(x, weight.t())),
+            (grad, weight, None, None, grad @ weight),
+        ]
+        for a, b, add, into, reference in cases:
+            out = torch.empty_like(reference) if into is None else into.clone()
+            if _gemm_fits(a, b.contiguous(), out, add):
+                _gemm(library, a, b.contiguous(), out, add, into is not None)
+                if not torch.equal(out, reference):
+                    shape = "x".join(map(str, (a.size(0), a.size(1), b.size(1))))
+                    return False, f"torch's dense products sum in another order on this machine ({shape})"
+    return True, "native"
+
+
+def dense_products_status() -> str:
+    """``"native"`` when :func:`run_gemm` runs, else why not (no native kernels, or torch sums differently here)."""
+    return _dense_products()[1]
+
+
+def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
+    """``out = a @ b``, ``a @ b + bias`` or (``accumulate``) ``out + a @ b``, with the bits of torch's own product,
+    when the native kernels run, torch sums such products as they do on this machine (:func:`dense_products_status`)
+    and the operands qualify: float32 CPU, ``a [n, k]`` with unit column stride (a column slice will do), ``b [k, w]``
+    and ``out [n, w]`` contiguous, ``n >= 32``, ``k <= 192``, ``w`` a multiple of 16. Returns ``True`` then, else
+    ``False`` with nothing written."""
+    library = native_kernels()
+    if library is None or not _gemm_fits(a, b, out, bias) or not _dense_products()[0]:
+        return False
+    _gemm(library, a, b, out, bias, accumulate)
     return True

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
 from .content import reset_xavier, xavier_linear
+from .dense import linear
 from .sparse import CSRPattern, spmm
 
 
@@ -72,7 +73,8 @@ class BiInteractionConv(MessagePassing):
         side = self.propagate(edge_index, x=x, norm=norm) if pattern is None else spmm(pattern, norm, x)
         # W1 (x + s) + W2 (s ⊙ x), the second product accumulated in place into the first (no separate sum to
         # write), the activation in place too: both act on fresh products whose backward does not read them.
-        out = self.lin1(x + side).addmm_(side * x, self.lin2.weight.t())
+        out = linear(x + side, self.lin1.weight)
+        out = linear(side * x, self.lin2.weight, add=out)
         return F.leaky_relu(out, self.negative_slope, inplace=True)
 
     def message(self, x_j: Tensor, norm: Tensor) -> Tensor:

@@ -1,0 +1,195 @@
+"""The compiled dense product (``native.run_gemm``) and ``layers.dense.linear``: bit for bit an order-exact reference
+(one fused multiply-add chain per output element), torch's own products where MKL sums that way, and
+``F.linear``'s values and gradients; every case it leaves to torch, and the check that turns it off on machines
+whose MKL sums differently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grcn_bench.models.layers import native
+from grcn_bench.models.layers.dense import linear
+
+needs_native = pytest.mark.skipif(native.native_kernels() is None,
+                                  reason=f"compiled kernels unavailable here: {native.kernel_status()}")
+# MKL sums these products as one multiply-add chain on the machines this was measured on; elsewhere the comparison
+# with torch does not apply (the library then runs torch's products, tested below).
+needs_chained_mkl = pytest.mark.skipif(
+    native.native_kernels() is None or native.dense_products_status() != "native",
+    reason=f"torch's dense products are not the chained sum here: {native.dense_products_status()}",
+)
+
+
+@pytest.fixture
+def fresh_probe():
+    native.forget_loaded()
+    yield
+    native.forget_loaded()
+
+
+def chained_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each output element as fma(a[i, k], b[k, j], acc) for k = 0, 1, ... from 0: the exact product plus the
+    accumulator in float64 (exact for the product; the sum rounds once there and once to float32)."""
+    acc = torch.zeros(a.size(0), b.size(1))
+    for k in range(a.size(1)):
+        acc = (torch.outer(a[:, k].double(), b[k].double()) + acc.double()).float()
+    return acc
+
+
+def _operands(rows: int, depth: int, width: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, depth, generator=generator)
+    b = torch.randn(depth, width, generator=generator)
+    bias = torch.randn(width, generator=generator)
+    start = torch.randn(rows, width, generator=generator)
+    return a, b, bias, start
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "depth", "width"), [(32, 1, 16), (37, 7, 48), (100, 64, 64), (61, 192, 16),
+                                                      (50, 100, 512)])
+def test_gemm_is_the_chained_sum_bit_for_bit(rows, depth, width):
+    a, b, bias, start = _operands(rows, depth, width)
+    reference = chained_product(a, b)
+    out = torch.empty(rows, width)
+    assert native.run_gemm(a, b, out) and torch.equal(out, reference)
+    assert native.run_gemm(a, b, out, bias=bias) and torch.equal(out, reference + bias)
+    out = start.clone()
+    assert native.run_gemm(a, b, out, accumulate=True) and torch.equal(out, start + reference)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_gemm_threads_split_rows_without_changing_a_bit(threads, monkeypatch):
+    a, b, _, _ = _operands(1003, 64, 64, seed=1)  # 1003 rows: shares of unequal length, a last tile of one row
+    monkeypatch.setattr(native, "_threads", lambda work: threads)
+    out = torch.empty(1003, 64)
+    assert native.run_gemm(a, b, out) and torch.equal(out, chained_product(a, b))
+
+
+@needs_native
+def test_gemm_reads_a_column_slice_in_place():
+    wide, b, _, _ = _operands(40, 128, 16, seed=2)
+    a = wide[:, 32:96]
+    out = torch.empty(40, 16)
+    assert native.run_gemm(a, b[:64].contiguous(), out) and torch.equal(out, chained_product(a, b[:64]))
+
+
+@needs_native
+def test_what_gemm_leaves_to_torch():
+    a, b, bias, _ = _operands(64, 64, 64)
+    refused = {
+        "too deep for one chain": (torch.randn(64, 193), torch.randn(193, 64), torch.empty(64, 64), None),
+        "width not a multiple of 16": (a, b[:, :8].contiguous(), torch.empty(64, 8), None),
+        "too few rows": (a[:31], b, torch.empty(31, 64), None),
+        "float64": (a.double(), b.double(), torch.empty(64, 64, dtype=torch.float64), None),
+        "b not contiguous": (a, b.t(), torch.empty(64, 64), None),
+        "a transposed": (a.t(), b, torch.empty(64, 64), None),
+        "out of the wrong shape": (a, b, torch.empty(64, 48), None),
+        "bias of the wrong shape": (a, b, torch.empty(64, 64), bias[:32]),
+        "depths that differ": (a, b[:32].contiguous(), torch.empty(64, 64), None),
+    }
+    for name, (left, right, out, add) in refused.items():
+        out.fill_(7.0)
+        assert not native.run_gemm(left, right, out, bias=add), name
+        assert bool((out == 7.0).all()), name  # nothing written
+
+
+@needs_chained_mkl
+@pytest.mark.parametrize(("rows", "depth", "width"), [(1000, 64, 64), (300, 128, 64), (257, 192, 16)])
+def test_gemm_equals_torchs_product_bit_for_bit(rows, depth, width):
+    a, b, bias, start = _operands(rows, depth, width, seed=3)
+    weight = b.t()  # [width, depth], as a layer stores it
+    out = torch.empty(rows, width)
+    assert native.run_gemm(a, b, out) and torch.equal(out, a @ weight.t())
+    assert native.run_gemm(a, b, out, bias=bias) and torch.equal(out, F.linear(a, weight, bias))
+    out = start.clone()
+    assert native.run_gemm(a, b, out, accumulate=True) and torch.equal(out, start.clone().addmm_(a, weight.t()))
+
+
+def _linear_cases():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 64, generator=generator)
+    weight = torch.randn(64, 128, generator=generator)  # sliced into two [64, 64] halves, as MMGCN's combination
+    bias = torch.randn(64, generator=generator)
+    start = torch.randn(300, 64, generator=generator)
+    return x, weight, bias, start
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+@pytest.mark.parametrize("x_layout", ["rows", "column slice", "column-major"])
+def test_linear_has_the_values_and_gradients_of_f_linear(kernels, x_layout):
+    x, weight, bias, start = _linear_cases()
+    if x_layout == "column slice":
+        x = torch.cat([x, x], dim=1)[:, 32:96]
+    elif x_layout == "column-major":
+        x = x.t().contiguous().t()
+
+    def run(use_dense: bool) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, start)]
+        x_leaf, weight_leaf, bias_leaf, start_leaf = leaves
+        first, second = weight_leaf[:, :64], weight_leaf[:, 64:]
+        if use_dense:
+            out = linear(x_leaf, first, bias_leaf)
+            out = linear(x_leaf.sin(), second, add=out)
+            other = linear(x_leaf, second.t().contiguous().t())  # a column-major weight
+            plain = linear(start_leaf, first)
+        else:
+            out = F.linear(x_leaf, first, bias_leaf)
+            out = out.addmm_(x_leaf.sin(), second.t())
+            other = F.linear(x_leaf, second.t().contiguous().t())
+            plain = F.linear(start_leaf, first)
+        F.leaky_relu(out, inplace=True)  # in place on the output, as the layers do
+        (out.square().sum() + other.cos().sum() + plain.sum()).backward()
+        return [out, other, plain, *(leaf.grad for leaf in leaves)]
+
+    with native.use_kernels(kernels):
+        ours, theirs = run(True), run(False)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, reference)
+
+
+def test_linear_without_gradients_and_other_shapes():
+    x, weight, bias, _ = _linear_cases()
+    with torch.no_grad():
+        assert torch.equal(linear(x, weight[:, :64], bias), F.linear(x, weight[:, :64], bias))
+    batched = x.view(3, 100, 64)
+    assert torch.equal(linear(batched, weight[:, :64], bias), F.linear(batched, weight[:, :64], bias))
+    frozen = x.clone().requires_grad_()
+    out = linear(frozen, weight[:, :64].detach())  # a gradient for the input only
+    out.sum().backward()
+    assert torch.equal(frozen.grad, torch.ones(300, 64) @ weight[:, :64])
+
+
+def test_linear_errors():
+    x, weight, bias, start = _linear_cases()
+    with pytest.raises(ValueError, match="a bias or a tensor to add into, not both"):
+        linear(x, weight[:, :64], bias, add=start)
+    with pytest.raises(ValueError, match=r"add needs a 2-D input, got x of shape \(3, 100, 64\)"):
+        linear(x.view(3, 100, 64), weight[:, :64], add=start.view(3, 100, 64))
+
+
+@needs_native
+def test_a_machine_whose_torch_sums_differently_keeps_torchs_products(fresh_probe, monkeypatch):
+    real = native._gemm
+
+    def off_by_a_bit(library, a, b, out, bias, accumulate):
+        real(library, a, b, out, bias, accumulate)
+        out.view(-1)[0] = torch.nextafter(out.view(-1)[0], torch.tensor(float("inf")))
+
+    monkeypatch.setattr(native, "_gemm", off_by_a_bit)
+    assert native.dense_products_status().startswith("torch's dense products sum in another order on this machine")
+    assert "dense products: torch's" in native.kernel_status()
+    x, weight, bias, _ = _linear_cases()
+    out = torch.empty(300, 64)
+    assert not native.run_gemm(x, weight[:, :64].t().contiguous(), out)
+    assert torch.equal(linear(x, weight[:, :64], bias), F.linear(x, weight[:, :64], bias))
+
+
+def test_without_native_kernels_the_dense_products_are_torchs(fresh_probe, monkeypatch):
+    with native.use_kernels("torch"):
+        assert native.dense_products_status() == "GRCN_BENCH_KERNELS=torch"
+        x, weight, _, _ = _linear_cases()
+        assert not native.run_gemm(x, weight[:, :64].t().contiguous(), torch.empty(300, 64))
