@@ -38,6 +38,15 @@ def chained_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def blocked_product(g: torch.Tensor, x: torch.Tensor, block: int = 192) -> torch.Tensor:
+    """``g^T x`` as MKL sums a weight gradient: a chained sum per block of ``block`` rows, the blocks added in order."""
+    out = None
+    for start in range(0, g.size(0), block):
+        part = chained_product(g[start : start + block].t(), x[start : start + block])
+        out = part if out is None else out + part
+    return out
+
+
 def _operands(rows: int, depth: int, width: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(rows, depth, generator=generator)
@@ -97,6 +106,47 @@ def test_what_gemm_leaves_to_torch():
         assert bool((out == 7.0).all()), name  # nothing written
 
 
+@needs_native
+@pytest.mark.parametrize(("depth", "rows", "width"), [(1, 16, 16), (150, 16, 48), (192, 64, 16), (384, 16, 64),
+                                                      (1001, 48, 32)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_tn_is_the_blocked_sum_bit_for_bit(depth, rows, width, threads, monkeypatch):
+    generator = torch.Generator().manual_seed(depth)
+    g, x = torch.randn(depth, rows, generator=generator), torch.randn(depth, width, generator=generator)
+    monkeypatch.setattr(native, "_threads", lambda work: threads)
+    out = torch.empty(rows, width)
+    assert native.run_gemm_tn(g, x, out) and torch.equal(out, blocked_product(g, x))
+
+
+@needs_native
+def test_what_gemm_tn_leaves_to_torch():
+    g, x = torch.randn(500, 64), torch.randn(500, 64)
+    refused = {
+        "between one block and two, which MKL halves": (torch.randn(300, 64), torch.randn(300, 64)),
+        "deeper than checked": (torch.empty(native.GEMM_TN_MAX_DEPTH + 1, 16), torch.empty(native.GEMM_TN_MAX_DEPTH + 1,
+                                                                                           16)),
+        "width not a multiple of 16": (g, x[:, :8].contiguous()),
+        "wider than 512": (torch.randn(500, 528), x),
+        "not contiguous": (g, x.t().contiguous().t()),
+        "float64": (g.double(), x.double()),
+        "depths that differ": (g, x[:400]),
+    }
+    for name, (left, right) in refused.items():
+        out = torch.full((left.size(1), right.size(1)), 7.0, dtype=left.dtype)
+        assert not native.run_gemm_tn(left, right, out), name
+        assert bool((out == 7.0).all()), name
+
+
+@needs_chained_mkl
+@pytest.mark.parametrize("depth", [384, 577, 5000, 112741])
+def test_gemm_tn_equals_torchs_weight_gradient_bit_for_bit(depth):
+    generator = torch.Generator().manual_seed(6)
+    g, x = torch.randn(depth, 64, generator=generator), torch.randn(depth, 64, generator=generator)
+    out = torch.empty(64, 64)
+    assert native.run_gemm_tn(g, x, out)
+    assert torch.equal(out, g.t().mm(x)) and torch.equal(out, x.t().mm(g).t())
+
+
 @needs_chained_mkl
 @pytest.mark.parametrize(("rows", "depth", "width"), [(1000, 64, 64), (300, 128, 64), (257, 192, 16)])
 def test_gemm_equals_torchs_product_bit_for_bit(rows, depth, width):
@@ -111,25 +161,27 @@ def test_gemm_equals_torchs_product_bit_for_bit(rows, depth, width):
 
 def _linear_cases():
     generator = torch.Generator().manual_seed(4)
-    x = torch.randn(300, 64, generator=generator)
+    x = torch.randn(500, 64, generator=generator)  # 500 rows: every product and gradient runs compiled
     weight = torch.randn(64, 128, generator=generator)  # sliced into two [64, 64] halves, as MMGCN's combination
     bias = torch.randn(64, generator=generator)
-    start = torch.randn(300, 64, generator=generator)
+    start = torch.randn(500, 64, generator=generator)
     return x, weight, bias, start
 
 
 @pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("x_layout", ["rows", "column slice", "column-major"])
-def test_linear_has_the_values_and_gradients_of_f_linear(kernels, x_layout):
+def test_linear_has_the_values_and_gradients_of_f_linear(kernels, x_layout, monkeypatch):
     x, weight, bias, start = _linear_cases()
     if x_layout == "column slice":
-        x = torch.cat([x, x], dim=1)[:, 32:96]
+        x = torch.cat([x, x], dim=1)
     elif x_layout == "column-major":
         x = x.t().contiguous().t()
 
     def run(use_dense: bool) -> list[torch.Tensor]:
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias, start)]
         x_leaf, weight_leaf, bias_leaf, start_leaf = leaves
+        if x_layout == "column slice":
+            x_leaf = x_leaf[:, 32:96]
         first, second = weight_leaf[:, :64], weight_leaf[:, 64:]
         if use_dense:
             out = linear(x_leaf, first, bias_leaf)
@@ -145,30 +197,51 @@ def test_linear_has_the_values_and_gradients_of_f_linear(kernels, x_layout):
         (out.square().sum() + other.cos().sum() + plain.sum()).backward()
         return [out, other, plain, *(leaf.grad for leaf in leaves)]
 
+    calls = []
+
+    def counted(name: str):
+        real = getattr(native, name)
+
+        def call(*args):
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("_gemm", "_gemm_tn"):
+        monkeypatch.setattr(native, name, counted(name))
     with native.use_kernels(kernels):
+        compiled = native.dense_products_status() == "native"  # the check against torch runs first
+        calls.clear()
         ours, theirs = run(True), run(False)
     for mine, reference in zip(ours, theirs, strict=True):
         assert torch.equal(mine, reference)
+    if compiled:  # plain's gradient arrives expanded (from .sum()) and stays torch's, as does what reads a
+        # column-major x, and the weight gradients need a contiguous x (x.sin() is one)
+        expected = {"rows": (4 + 3, 3), "column slice": (4 + 3, 1), "column-major": (1, 0)}[x_layout]
+        assert (calls.count("_gemm"), calls.count("_gemm_tn")) == expected
+    else:
+        assert calls == []
 
 
 def test_linear_without_gradients_and_other_shapes():
     x, weight, bias, _ = _linear_cases()
     with torch.no_grad():
         assert torch.equal(linear(x, weight[:, :64], bias), F.linear(x, weight[:, :64], bias))
-    batched = x.view(3, 100, 64)
+    batched = x.view(5, 100, 64)
     assert torch.equal(linear(batched, weight[:, :64], bias), F.linear(batched, weight[:, :64], bias))
     frozen = x.clone().requires_grad_()
     out = linear(frozen, weight[:, :64].detach())  # a gradient for the input only
     out.sum().backward()
-    assert torch.equal(frozen.grad, torch.ones(300, 64) @ weight[:, :64])
+    assert torch.equal(frozen.grad, torch.ones(500, 64) @ weight[:, :64])
 
 
 def test_linear_errors():
     x, weight, bias, start = _linear_cases()
     with pytest.raises(ValueError, match="a bias or a tensor to add into, not both"):
         linear(x, weight[:, :64], bias, add=start)
-    with pytest.raises(ValueError, match=r"add needs a 2-D input, got x of shape \(3, 100, 64\)"):
-        linear(x.view(3, 100, 64), weight[:, :64], add=start.view(3, 100, 64))
+    with pytest.raises(ValueError, match=r"add needs a 2-D input, got x of shape \(5, 100, 64\)"):
+        linear(x.view(5, 100, 64), weight[:, :64], add=start.view(5, 100, 64))
 
 
 @needs_native
@@ -182,9 +255,21 @@ def test_a_machine_whose_torch_sums_differently_keeps_torchs_products(fresh_prob
     monkeypatch.setattr(native, "_gemm", off_by_a_bit)
     assert native.dense_products_status().startswith("torch's dense products sum in another order on this machine")
     assert "dense products: torch's" in native.kernel_status()
+    native.forget_loaded()
+    monkeypatch.setattr(native, "_gemm", real)
+    real_tn = native._gemm_tn
+
+    def tn_off_by_a_bit(library, g, x, out):
+        real_tn(library, g, x, out)
+        out.view(-1)[-1] = torch.nextafter(out.view(-1)[-1], torch.tensor(float("-inf")))
+
+    monkeypatch.setattr(native, "_gemm_tn", tn_off_by_a_bit)
+    assert native.dense_products_status().startswith("torch's weight gradients sum in another order on this machine")
+    assert "dense products: torch's" in native.kernel_status()
     x, weight, bias, _ = _linear_cases()
-    out = torch.empty(300, 64)
+    out = torch.empty(500, 64)
     assert not native.run_gemm(x, weight[:, :64].t().contiguous(), out)
+    assert not native.run_gemm_tn(x, x, torch.empty(64, 64))
     assert torch.equal(linear(x, weight[:, :64], bias), F.linear(x, weight[:, :64], bias))
 
 
@@ -192,4 +277,4 @@ def test_without_native_kernels_the_dense_products_are_torchs(fresh_probe, monke
     with native.use_kernels("torch"):
         assert native.dense_products_status() == "GRCN_BENCH_KERNELS=torch"
         x, weight, _, _ = _linear_cases()
-        assert not native.run_gemm(x, weight[:, :64].t().contiguous(), torch.empty(300, 64))
+        assert not native.run_gemm(x, weight[:, :64].t().contiguous(), torch.empty(500, 64))

@@ -1,13 +1,15 @@
 r"""The layers' linear maps, :math:`\mathbf{Y} = \mathbf{X}\mathbf{W}^\top + \mathbf{b}`, with the bits of
-``torch.nn.functional.linear`` and the compiled product of :mod:`.native` where it applies.
+``torch.nn.functional.linear`` and the compiled products of :mod:`.native` where they apply.
 
 At Tiktok's full scale MMGCN runs 48 products of ``[112741, 64]`` by ``[64, 64]`` per training batch (forward and
-input gradients), a third of its time. On this project's 2-core AMD EPYC machines :func:`~.native.run_gemm`
-computes them about 1.4x as fast as MKL, summing each output element in MKL's own order (one fused multiply-add
-chain), so results keep every bit. :func:`linear` uses it for the forward product and the input's gradient; the
-weight's gradient (MKL sums its long depth in blocks) and the bias's stay torch's, called as torch's own backward
-calls them. Where the compiled product does not apply (other devices, dtypes or shapes, or a machine whose MKL sums
-differently: :func:`~.native.dense_products_status`) the same function runs torch's products.
+input gradients) and 24 weight gradients ``[64, 112741]`` by ``[112741, 64]``, about half of its time. On this
+project's 2-core AMD EPYC machines :func:`~.native.run_gemm` and :func:`~.native.run_gemm_tn` compute them about
+1.3-1.4x as fast as MKL, summing each output element in MKL's own order (one fused multiply-add chain over the depth,
+or, for the weight gradients, over each block of 192 rows, the blocks then added in order), so results keep every
+bit. :func:`linear` uses them for the forward product and the gradients of the input and the weight; the bias's
+gradient stays torch's sum, as torch's own backward computes it. Where a compiled product does not apply (other
+devices, dtypes or shapes, or a machine whose MKL sums differently: :func:`~.native.dense_products_status`) the same
+function runs torch's products, called as torch's own backward calls them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .native import run_gemm
+from .native import run_gemm, run_gemm_tn
 
 __all__ = ["linear"]
 
@@ -44,8 +46,11 @@ def _input_gradient(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _weight_gradient(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """``grad^T x``, multiplied as torch's backward of ``x @ weight.t()`` multiplies it for this layout of
-    ``weight``."""
+    """``grad^T x``, compiled where :func:`~.native.run_gemm_tn` applies (it has the sums of either orientation),
+    else multiplied as torch's backward of ``x @ weight.t()`` multiplies it for this layout of ``weight``."""
+    out = grad.new_empty(grad.size(1), x.size(1))
+    if run_gemm_tn(grad, x, out):
+        return out
     if _column_major(weight.t()):
         return grad.t().mm(x)
     return x.t().mm(grad).t()

@@ -26,6 +26,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PREFETCH 16   /* entries ahead: 8-32 measured within a few percent of each other, 0 about 1.8x slower */
 #define BLOCK 64      /* rows a thread takes at a time: the threads move through the rows together */
@@ -229,16 +230,17 @@ typedef struct {
   int64_t *next; /* the next row to hand out, share rows at a time */
 } gemm_job;
 
-/* Rows [row, row + rows) (rows <= 6), columns [j, j + 16) of the output; rows past the end read row 0 instead. */
-__attribute__((target("avx2,fma"))) static void gemm_tile(const gemm_job *job, int64_t row, int rows, int64_t j) {
-  const int64_t lda = job->lda, width = job->width;
-  const float *b = job->b + j;
-  const float *a0 = job->a + row * lda, *a1 = a0 + (rows > 1) * lda, *a2 = a0 + (rows > 2) * 2 * lda,
-              *a3 = a0 + (rows > 3) * 3 * lda, *a4 = a0 + (rows > 4) * 4 * lda, *a5 = a0 + (rows > 5) * 5 * lda;
+/* out[r, 0:16] (+)= sum over k < depth of a[r, k] b[k, 0:16] for r < rows <= 6, a's rows lda apart, b's ldb, out's
+ * ldo; rows past `rows` read row 0 instead. Then + bias[0:16] (bias given) or added to out (accumulate). */
+__attribute__((target("avx2,fma"))) static void gemm_tile(const float *a, int64_t lda, const float *b, int64_t ldb,
+                                                         int64_t depth, float *out, int64_t ldo, int rows,
+                                                         const float *bias, int accumulate) {
+  const float *a0 = a, *a1 = a + (rows > 1) * lda, *a2 = a + (rows > 2) * 2 * lda, *a3 = a + (rows > 3) * 3 * lda,
+              *a4 = a + (rows > 4) * 4 * lda, *a5 = a + (rows > 5) * 5 * lda;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < job->depth; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * width), b1 = _mm256_loadu_ps(b + k * width + 8);
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
     __m256 s = _mm256_broadcast_ss(a0 + k);
     c00 = _mm256_fmadd_ps(s, b0, c00), c01 = _mm256_fmadd_ps(s, b1, c01);
     s = _mm256_broadcast_ss(a1 + k), c10 = _mm256_fmadd_ps(s, b0, c10), c11 = _mm256_fmadd_ps(s, b1, c11);
@@ -248,25 +250,26 @@ __attribute__((target("avx2,fma"))) static void gemm_tile(const gemm_job *job, i
     s = _mm256_broadcast_ss(a5 + k), c50 = _mm256_fmadd_ps(s, b0, c50), c51 = _mm256_fmadd_ps(s, b1, c51);
   }
   const __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-  for (int r = 0; r < rows; ++r) {
-    float *out = job->out + (row + r) * width + j;
+  for (int r = 0; r < rows; ++r)
     for (int h = 0; h < 2; ++h) {
       __m256 value = acc[2 * r + h];
-      if (job->bias) value = _mm256_add_ps(value, _mm256_loadu_ps(job->bias + j + 8 * h));
-      else if (job->accumulate) value = _mm256_add_ps(_mm256_loadu_ps(out + 8 * h), value);
-      _mm256_storeu_ps(out + 8 * h, value);
+      if (bias) value = _mm256_add_ps(value, _mm256_loadu_ps(bias + 8 * h));
+      else if (accumulate) value = _mm256_add_ps(_mm256_loadu_ps(out + r * ldo + 8 * h), value);
+      _mm256_storeu_ps(out + r * ldo + 8 * h, value);
     }
-  }
 }
 
 static void *gemm_range(void *arg) {
   const gemm_job *job = arg;
+  const int64_t width = job->width;
   for (int64_t start = __atomic_fetch_add(job->next, job->share, __ATOMIC_RELAXED); start < job->rows;
        start = __atomic_fetch_add(job->next, job->share, __ATOMIC_RELAXED)) {
     const int64_t stop = start + job->share < job->rows ? start + job->share : job->rows;
     for (int64_t row = start; row < stop; row += TILE_ROWS)
-      for (int64_t j = 0; j < job->width; j += 16) gemm_tile(job, row, stop - row < TILE_ROWS ? (int)(stop - row)
-                                                                                             : TILE_ROWS, j);
+      for (int64_t j = 0; j < width; j += 16)
+        gemm_tile(job->a + row * job->lda, job->lda, job->b + j, width, job->depth, job->out + row * width + j, width,
+                  stop - row < TILE_ROWS ? (int)(stop - row) : TILE_ROWS, job->bias ? job->bias + j : 0,
+                  job->accumulate);
   }
   return 0;
 }
@@ -283,4 +286,78 @@ void grcn_bench_gemm_f32(const float *a, int64_t lda, const float *b, const floa
                     .width = width, .share = (per_thread + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS,
                     .accumulate = accumulate, .next = &next};
   run_threads(gemm_range, &whole, threads);
+}
+
+/* gemm_tn: out[m, j] = sum_k g[k, m] x[k, j] over the depth in blocks of TN_BLOCK rows: each block's sum is one fused
+ * multiply-add chain from 0 (gemm's tiles, on the block packed k-contiguous), and out is the first block's sum plus
+ * the others' in order, which is how MKL sums a layer's weight gradient x^T grad on the shapes native.py sends here
+ * (it checks that first). The threads take blocks from a shared counter, each block's sums going to its own slice
+ * of partial, then add the slices up, each thread a share of the outputs. */
+#define TN_BLOCK 192
+
+typedef struct {
+  const float *g, *x;
+  float *partial, *out;
+  int64_t depth, rows, width, blocks;
+  int64_t *next;
+} tn_job;
+
+static void *gemm_tn_blocks(void *arg) {
+  const tn_job *job = arg;
+  const int64_t rows = job->rows, width = job->width;
+  /* the block of g transposed ([rows, TN_BLOCK]) and that of x in 16-column panels ([TN_BLOCK, 16] each), so that
+   * gemm_tile reads both along k */
+  float *packed_g = malloc((size_t)((rows + width) * TN_BLOCK) * sizeof(float));
+  if (!packed_g) return (void *)1;
+  float *packed_x = packed_g + rows * TN_BLOCK;
+  for (int64_t block = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED); block < job->blocks;
+       block = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) {
+    const int64_t start = block * TN_BLOCK, depth = job->depth - start < TN_BLOCK ? job->depth - start : TN_BLOCK;
+    for (int64_t k = 0; k < depth; ++k) {
+      const float *g_row = job->g + (start + k) * rows, *x_row = job->x + (start + k) * width;
+      for (int64_t m = 0; m < rows; ++m) packed_g[m * TN_BLOCK + k] = g_row[m];
+      for (int64_t j = 0; j < width; j += 8)
+        _mm256_storeu_ps(packed_x + (j - j % 16) * TN_BLOCK + k * 16 + j % 16, _mm256_loadu_ps(x_row + j));
+    }
+    float *partial = job->partial + block * rows * width;
+    for (int64_t j = 0; j < width; j += 16)
+      for (int64_t m = 0; m < rows; m += TILE_ROWS)
+        gemm_tile(packed_g + m * TN_BLOCK, TN_BLOCK, packed_x + j * TN_BLOCK, 16, depth, partial + m * width + j, width,
+                  rows - m < TILE_ROWS ? (int)(rows - m) : TILE_ROWS, 0, 0);
+  }
+  free(packed_g);
+  return 0;
+}
+
+/* out[e] = partial[0][e] + partial[1][e] + ... in block order, each thread a share of the outputs' 64-float chunks. */
+static void *gemm_tn_sum(void *arg) {
+  const tn_job *job = arg;
+  const int64_t size = job->rows * job->width, chunks = size / 64;
+  for (int64_t chunk = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED); chunk < chunks;
+       chunk = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) {
+    __m256 acc[8];
+    const float *partial = job->partial + chunk * 64;
+    for (int v = 0; v < 8; ++v) acc[v] = _mm256_loadu_ps(partial + 8 * v);
+    for (int64_t block = 1; block < job->blocks; ++block)
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(partial + block * size + 8 * v));
+    for (int v = 0; v < 8; ++v) _mm256_storeu_ps(job->out + chunk * 64 + 8 * v, acc[v]);
+  }
+  return 0;
+}
+
+/* out [rows, width] = g^T x for g [depth, rows] and x [depth, width], both contiguous; rows and width multiples of 16;
+ * partial holds ceil(depth / TN_BLOCK) * rows * width floats. Returns 0, or 1 when scratch memory ran out. */
+int grcn_bench_gemm_tn_f32(const float *g, const float *x, float *partial, float *out, int64_t depth, int64_t rows,
+                           int64_t width, int threads) {
+  int64_t next = 0;
+  tn_job job = {.g = g, .x = x, .partial = partial, .out = out, .depth = depth, .rows = rows, .width = width,
+                .blocks = (depth + TN_BLOCK - 1) / TN_BLOCK, .next = &next};
+  int failed = 0;
+  if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  failed |= gemm_tn_blocks(&job) != 0;
+  if (failed) return 1;
+  next = 0;
+  run_threads(gemm_tn_sum, &job, threads);
+  return 0;
 }

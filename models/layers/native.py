@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "dense_products_status", "forget_loaded", "kernel_status", "native_kernels", "run_gemm", "run_sddmm",
+    "dense_products_status", "forget_loaded", "kernel_status", "native_kernels", "run_gemm", "run_gemm_tn", "run_sddmm",
     "run_segment_reduce", "run_spmm", "use_kernels",
 ]
 
@@ -129,6 +129,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # a, lda, b, bias, out, rows, depth, width, accumulate, threads
     library.grcn_bench_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
         ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    # g, x, partial, out, depth, rows, width, threads
+    library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int
     for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32,
                    library.grcn_bench_gemm_f32):
         kernel.restype = None
@@ -258,6 +261,10 @@ def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -
 #: and products of fewer than a dozen rows take other MKL paths).
 GEMM_MAX_DEPTH = 192
 GEMM_MIN_ROWS = 32
+#: The weight gradients (:func:`run_gemm_tn`): MKL sums their depth in blocks of 192 from 384 rows on (between 192 and
+#: 384 in two halves, which is not reproduced here); checked up to this depth.
+GEMM_TN_BLOCK = 192
+GEMM_TN_MAX_DEPTH = 1 << 18
 
 
 def _gemm_fits(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> bool:
@@ -279,14 +286,39 @@ def _gemm(library: ctypes.CDLL, a: Tensor, b: Tensor, out: Tensor, bias: Tensor 
                                 width, int(accumulate), _threads(rows * depth * width))
 
 
+def _gemm_tn_fits(g: Tensor, x: Tensor, out: Tensor) -> bool:
+    depth = g.size(0)
+    return (
+        g.dim() == 2 and x.dim() == 2 and x.size(0) == depth and out.shape == (g.size(1), x.size(1))
+        and (0 < depth <= GEMM_TN_BLOCK or 2 * GEMM_TN_BLOCK <= depth <= GEMM_TN_MAX_DEPTH)
+        and all(0 < size <= 512 and size % 16 == 0 for size in out.shape)
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (g, x, out))
+    )
+
+
+def _gemm_tn(library: ctypes.CDLL, g: Tensor, x: Tensor, out: Tensor) -> None:
+    depth, rows, width = g.size(0), g.size(1), x.size(1)
+    partial = g.new_empty(-(-depth // GEMM_TN_BLOCK), rows, width)
+    if library.grcn_bench_gemm_tn_f32(_pointer(g), _pointer(x), _pointer(partial), _pointer(out), depth, rows, width,
+                                      _threads(depth * rows * width)):
+        raise MemoryError("grcn_bench_gemm_tn_f32: no memory for its scratch blocks")
+
+
 @functools.lru_cache(maxsize=1)
 def _dense_products() -> tuple[bool, str]:
-    """Whether this machine's torch computes the dense products with the sums of ``grcn_bench_gemm_f32``: asked once,
-    on operands shaped as the layers' (MKL's summation order depends on the CPU it runs on)."""
+    """Whether this machine's torch computes the dense products with the sums of the compiled ones: asked once, on
+    operands shaped as the layers' (MKL's summation order depends on the CPU it runs on, and on its threads)."""
     library = native_kernels()
     if library is None:
         return False, kernel_status()
     generator = torch.Generator().manual_seed(0)
+    for depth, rows, width in ((150, 64, 64), (1000, 16, 48), (131077, 64, 64)):
+        g = torch.randn(depth, rows, generator=generator)
+        x = torch.randn(depth, width, generator=generator)
+        out = torch.empty(rows, width)
+        _gemm_tn(library, g, x, out)
+        if not (torch.equal(out, g.t().mm(x)) and torch.equal(out, x.t().mm(g).t())):
+            return False, f"torch's weight gradients sum in another order on this machine ({depth} deep)"
     for rows, depth, width in ((37, 64, 64), (300, 192, 16), (100, 1, 48), (64, 100, 512), (40, 128, 64)):
         weight = torch.randn(2 * width, depth, generator=generator)[:width]  # a slice, as the layers pass them
         x = torch.randn(rows, 2 * depth, generator=generator)[:, :depth]
@@ -323,4 +355,16 @@ def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, a
     if library is None or not _gemm_fits(a, b, out, bias) or not _dense_products()[0]:
         return False
     _gemm(library, a, b, out, bias, accumulate)
+    return True
+
+
+def run_gemm_tn(g: Tensor, x: Tensor, out: Tensor) -> bool:
+    """``out = g^T x`` (a linear map's weight gradient ``grad^T input``) with the bits of torch's product, under the
+    conditions of :func:`run_gemm`, for contiguous float32 ``g [n, r]``, ``x [n, w]``, ``out [r, w]`` with ``r`` and
+    ``w`` multiples of 16 up to 512, and ``n`` up to 192 or from 384 to 262,144. Returns ``True`` then, else ``False``
+    with nothing written."""
+    library = native_kernels()
+    if library is None or not _gemm_tn_fits(g, x, out) or not _dense_products()[0]:
+        return False
+    _gemm_tn(library, g, x, out)
     return True
