@@ -15,8 +15,24 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from . import register_model
 from .base import Embeddings, Recommender, xavier_embedding
 from .layers.content import modality_features, reset_xavier, xavier_linear
+from .layers.dense import linear
 from .layers.mmgcn import AggregateCombineConv, mean_weights
 from .layers.sparse import graph_pattern
+
+
+def modality_mean(per_modality: list[Tensor]) -> Tensor:
+    """``torch.stack(per_modality).mean(dim=0)``, to the bit, without the stacked copy and its expanded gradient.
+
+    The reduction sums from zero, ``((0 + x_1) + x_2) + ...``; summing from ``x_1`` differs only where every term is
+    ``-0`` (the sum is ``-0`` instead of ``+0``), which the final ``+ 0.0`` corrects. The gradient, ``grad / |M|``, is
+    the mean's own.
+    """
+    total = per_modality[0]
+    for x in per_modality[1:]:
+        total = total + x
+    if len(per_modality) == 1:  # 0 + x_1: a fresh tensor (and +0 for -0), as the reduction returns
+        return (total + 0.0) / 1
+    return total.add_(0.0).div_(len(per_modality))
 
 
 @register_model("mmgcn")
@@ -123,9 +139,9 @@ class MMGCN(Recommender):
 
     def modality_input(self, graph: InteractionGraph, modality: str) -> Tensor:
         """``[U + I, d]`` layer-0 node vectors of one modality: user preferences, then projected item features."""
-        items = F.leaky_relu(
-            self.projection[modality](modality_features(graph, modality, self.word_embedding)), self.negative_slope
-        )
+        projection = self.projection[modality]
+        features = modality_features(graph, modality, self.word_embedding)
+        items = F.leaky_relu(linear(features, projection.weight, projection.bias), self.negative_slope)
         x = torch.cat([self.preference[modality], items], dim=0)
         return F.normalize(x, dim=-1) if self.normalize_inputs else x
 
@@ -139,8 +155,7 @@ class MMGCN(Recommender):
             for conv in self.convs[m]:
                 x = conv(x, id_embedding, graph.edge_index, pattern=pattern, mean_weight=weight)
             per_modality.append(x)
-        out = torch.stack(per_modality).mean(dim=0)
-        return Embeddings(*out.split([self.num_users, self.num_items]))
+        return Embeddings(*modality_mean(per_modality).split([self.num_users, self.num_items]))
 
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
         ego = super().ego_parameters(users, pos, neg)

@@ -33,7 +33,7 @@ from grcn_bench.models.layers.edge_ops import (
 from grcn_bench.models.layers.mmgcn import AggregateCombineConv, mean_weights
 from grcn_bench.models.layers.ngcf import BiInteractionConv, symmetric_norm
 from grcn_bench.models.layers.sparse import CSRPattern, graph_pattern, spmm, stack_pattern
-from grcn_bench.models.mmgcn import MMGCN
+from grcn_bench.models.mmgcn import MMGCN, modality_mean
 from grcn_bench.models.ngcf import NGCF
 
 U, I = 4, 5
@@ -366,6 +366,26 @@ def test_mmgcn_is_the_mean_of_one_gcn_per_modality(data):
     assert len(ego) == 3 + 3 and torch.equal(ego[3], model.preference["v"][users])
     normalized = MMGCN(info, normalize_inputs=True)
     torch.testing.assert_close(normalized.modality_input(graph, "a").norm(dim=-1), torch.ones(U + I))
+
+
+@pytest.mark.parametrize("modalities", [1, 2, 3])
+def test_mmgcn_modality_mean_is_the_stacked_mean_bit_for_bit(modalities):
+    generator = torch.Generator().manual_seed(modalities)
+    xs = [torch.randn(200, 16, generator=generator) for _ in range(modalities)]
+    for x in xs:
+        x[0, :4] = -0.0  # -0 in every modality: the stacked mean's sum from zero gives +0 there
+    xs[0][1, 0] = -0.0
+    xs = [x.requires_grad_() for x in xs]
+    stacked, ours = torch.stack(xs).mean(dim=0), modality_mean(xs)
+    grad = torch.randn(200, 16, generator=generator)
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().view(torch.int32)
+
+    assert torch.equal(bits(ours), bits(stacked)) and bits(ours)[0, 0] == 0
+    reference_grads = torch.autograd.grad(stacked, xs, grad)
+    for mine, reference in zip(torch.autograd.grad(ours, xs, grad), reference_grads, strict=True):
+        assert torch.equal(bits(mine), bits(reference))
 
 
 def test_mmgcn_frozen_id_never_trains_ids_and_preferences(data):

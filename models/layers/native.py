@@ -20,9 +20,10 @@ independent order-exact reference):
 - segment sum and max: ``torch.segment_reduce``'s sequential loop (and NaN rule), vectorised over the columns and
   threaded;
 - dense products (:func:`run_gemm`, for the layers' linear maps): one fused multiply-add chain per output element,
-  which is how MKL sums products up to 192 deep on this project's machines, in register tiles that run at about 1.4x
-  MKL's rate there. Since MKL's order depends on the CPU, the first call compares the two on a few products shaped as
-  the layers' and keeps torch's where any bit differs (:func:`dense_products_status`).
+  which is how MKL sums products up to 192 deep on this project's machines; and their weight gradients
+  (:func:`run_gemm_tn`): one chain per block of 192 rows, the blocks added in order, as MKL sums them. Register
+  tiles run them 1.3-1.4x as fast as MKL there. Since MKL's order depends on the CPU, the first call compares the two
+  on a few products shaped as the layers' and keeps torch's where any bit differs (:func:`dense_products_status`).
 
 The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
 torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
