@@ -260,6 +260,51 @@ def test_segment_reduce_is_torchs_bit_for_bit(shape, reduce, monkeypatch):
     assert not native.run_segment_reduce(src.double(), ptr, reduce, out.double())
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(), (8,), (3,), (2, 8)])
+@pytest.mark.parametrize("op", ["sub", "div"])
+def test_segment_broadcast_is_torchs_repeated_operation_bit_for_bit(shape, op, monkeypatch):
+    """Against torch's subtraction (division) by the values repeated over each segment: empty segments, NaN, inf,
+    signed zeros, in place, and both thread splits; then every operand the kernel refuses."""
+    generator = torch.Generator().manual_seed(11)
+    lengths = torch.randint(0, 9, (300,), generator=generator)
+    lengths[:3] = 0
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    src = torch.randn(int(ptr[-1]), *shape, generator=generator)
+    values = torch.randn(300, *shape, generator=generator)
+    src.view(src.size(0), -1)[5:9, 0] = torch.tensor([float("nan"), float("inf"), -0.0, 0.0])
+    values.view(300, -1)[7:10, 0] = torch.tensor([-0.0, 0.0, float("inf")])
+    repeated = values.repeat_interleave(ptr[1:] - ptr[:-1], dim=0, output_size=src.size(0))
+    expected = src - repeated if op == "sub" else src / repeated
+
+    def same(mine: torch.Tensor) -> bool:
+        return torch.equal(mine.view(torch.int32), expected.view(torch.int32))  # NaN and the sign of 0 included
+
+    for threaded_above in (0, 1 << 40):
+        monkeypatch.setattr(native, "THREADED_ABOVE", threaded_above)
+        out = torch.empty_like(src)
+        assert native.run_segment_apply(src, ptr, values, op, out) and same(out)
+        in_place = src.clone()
+        assert native.run_segment_apply(in_place, ptr, values, op, in_place) and same(in_place)
+    assert same(sparse.segment_broadcast(src, ptr, values, op))
+    with native.use_kernels("torch"):
+        assert same(sparse.segment_broadcast(src, ptr, values, op))
+    refused = {
+        "an unknown operation": (src, ptr, values, "mul"),
+        "int32 offsets": (src, ptr.int(), values, op),
+        "float64": (src.double(), ptr, values.double(), op),
+        "offsets short of the rows": (src, ptr[:-1], values[:-1], op),
+        "one value row too many": (src, ptr, torch.randn(301, *shape), op),
+        "values not contiguous": (src, ptr, torch.stack([values, values], dim=1)[:, 0], op),
+    }
+    for name, case in refused.items():
+        out = torch.full_like(case[0], 7.0)
+        assert not native.run_segment_apply(*case, out), name
+        assert bool((out == 7.0).all()), name
+        if name in ("float64", "values not contiguous"):  # torch computes what the kernel leaves to it
+            torch.testing.assert_close(sparse.segment_broadcast(*case), expected.to(case[0].dtype), equal_nan=True)
+
+
 def _headed_operands(pattern: CSRPattern, heads: int, width: int, seed: int = 7):
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(pattern.nnz, heads, generator=generator)

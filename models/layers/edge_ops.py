@@ -27,7 +27,7 @@ from torch_geometric.nn import GATConv, SAGEConv
 from grcn_bench.datasets.base import InteractionGraph
 
 from .dense import linear
-from .sparse import CSRPattern, graph_pattern, headed_spmm, segment_reduce, spmm
+from .sparse import CSRPattern, graph_pattern, headed_spmm, segment_broadcast, segment_reduce, spmm
 
 
 def mean_aggregate(pattern: CSRPattern, x: Tensor, degree: Tensor) -> Tensor:
@@ -119,24 +119,22 @@ class SelfLoopSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, self_logits: Tensor, rowptr: Tensor) -> tuple[Tensor, Tensor]:
         rowptr = rowptr.long()
-        count = rowptr[1:] - rowptr[:-1]
-        nnz = logits.size(0)
         # An empty row's segment maximum is -inf; its self logit then decides.
         row_max = torch.maximum(segment_reduce(logits, "max", rowptr), self_logits)
-        out = (logits - row_max.repeat_interleave(count, dim=0, output_size=nnz)).exp()
+        out = segment_broadcast(logits, rowptr, row_max, "sub").exp_()
         self_out = (self_logits - row_max).exp()
         total = segment_reduce(out, "sum", rowptr) + self_out + 1e-16
-        out = out / total.repeat_interleave(count, dim=0, output_size=nnz)
+        segment_broadcast(out, rowptr, total, "div", out=out)
         self_out = self_out / total
-        ctx.save_for_backward(out, self_out, rowptr, count)
+        ctx.save_for_backward(out, self_out, rowptr)
         return out, self_out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor, self_grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        out, self_out, rowptr, count = ctx.saved_tensors
+        out, self_out, rowptr = ctx.saved_tensors
         dot = segment_reduce(out * grad, "sum", rowptr) + self_out * self_grad
-        grad_logits = out * (grad - dot.repeat_interleave(count, dim=0, output_size=out.size(0)))
+        grad_logits = out * segment_broadcast(grad, rowptr, dot, "sub")
         return grad_logits, self_out * (self_grad - dot), None
 
 

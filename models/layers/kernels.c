@@ -11,6 +11,7 @@
  *
  * segment sum / max: out[s, :] reduces src[offsets[s] .. offsets[s + 1]) row by row in order, from 0 or -inf, as
  * torch.segment_reduce does (a NaN wins the max from there on until the next NaN), vectorised over the columns.
+ * segment apply: out[k, :] = src[k, :] - values[s, :] (or /) for the rows k of segment s.
  *
  * The products are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product
  * and torch's sampled product wait for each row in turn; these ask for the row PREFETCH entries ahead, which is
@@ -48,6 +49,7 @@ typedef struct {
   int64_t *next;
   int64_t heads;               /* weights per entry; each head owns width / heads contiguous columns */
   const int64_t *offsets;      /* segment reductions: int64 segment bounds (rows are segments) */
+  int divide;                  /* segment_apply: divide by the segment's values instead of subtracting them */
 } range_job;
 
 static inline void prefetch_row(const float *row, int64_t cache_lines) {
@@ -169,6 +171,30 @@ static void *segment_range(void *arg, int max) {
         else acc = acc + value;
       }
       out[j] = acc;
+    }
+  }
+  return 0;
+}
+
+/* out[k, :] = src[k, :] - values[s, :] (or / values[s, :]) for the entries k of segment s: torch's elementwise
+ * subtraction (division) of the values repeated over each segment, without writing the repeated copy. out may be
+ * src. */
+static void *segment_apply_range(void *arg) {
+  const range_job *job = arg;
+  const int64_t width = job->width;
+  FOR_EACH_ROW(job, segment) {
+    const float *values = job->b + segment * width;
+    const int64_t begin = job->offsets[segment] * width, end = job->offsets[segment + 1] * width;
+    if (width == 1) { /* one value for the whole segment: a loop the compiler vectorises */
+      const float value = values[0];
+      if (job->divide)
+        for (int64_t k = begin; k < end; ++k) job->out[k] = job->a[k] / value;
+      else
+        for (int64_t k = begin; k < end; ++k) job->out[k] = job->a[k] - value;
+    } else {
+      for (int64_t k = begin; k < end; k += width)
+        for (int64_t j = 0; j < width; ++j)
+          job->out[k + j] = job->divide ? job->a[k + j] / values[j] : job->a[k + j] - values[j];
     }
   }
   return 0;
@@ -360,4 +386,12 @@ int grcn_bench_gemm_tn_f32(const float *g, const float *x, float *partial, float
   next = 0;
   run_threads(gemm_tn_sum, &job, threads);
   return 0;
+}
+
+/* out [n, width] = src [n, width] - (or /) values [segments, width] repeated over each segment's rows of src. */
+void grcn_bench_segment_apply_f32(const int64_t *offsets, const float *src, const float *values, float *out,
+                                  int64_t segments, int64_t width, int divide, int threads) {
+  range_job whole = {.a = src, .b = values, .out = out, .width = width, .nnz = offsets[segments], .heads = 1,
+                     .offsets = offsets, .divide = divide};
+  run_ranges(segment_apply_range, whole, segments, threads);
 }

@@ -18,7 +18,8 @@ independent order-exact reference):
 - headed products (:func:`~.sparse.headed_spmm`, :func:`~.sparse.headed_sddmm`): each head's sums are those of one
   product for that head alone, while the row of all heads is gathered once;
 - segment sum and max: ``torch.segment_reduce``'s sequential loop (and NaN rule), vectorised over the columns and
-  threaded;
+  threaded; and the softmaxes' subtraction (division) of each segment's max (sum) from its rows without the
+  ``repeat_interleave`` copy (:func:`run_segment_apply`);
 - dense products (:func:`run_gemm`, for the layers' linear maps): one fused multiply-add chain per output element,
   which is how MKL sums products up to 192 deep on this project's machines; and their weight gradients
   (:func:`run_gemm_tn`): one chain per block of 192 rows, the blocks added in order, as MKL sums them. Register
@@ -57,7 +58,7 @@ from torch import Tensor
 
 __all__ = [
     "dense_products_status", "forget_loaded", "kernel_status", "native_kernels", "run_gemm", "run_gemm_tn", "run_sddmm",
-    "run_segment_reduce", "run_spmm", "use_kernels",
+    "run_segment_apply", "run_segment_reduce", "run_spmm", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # a, lda, b, bias, out, rows, depth, width, accumulate, threads
     library.grcn_bench_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
         ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    # offsets, src, values, out, segments, width, divide, threads
+    library.grcn_bench_segment_apply_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64,
+                                                                             ctypes.c_int, ctypes.c_int]
+    library.grcn_bench_segment_apply_f32.restype = None
     # g, x, partial, out, depth, rows, width, threads
     library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int
@@ -254,6 +259,27 @@ def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -
     width = src.shape[1:].numel()
     library.grcn_bench_segment_f32(_pointer(offsets), _pointer(src), _pointer(out), out.size(0), width,
                                    int(reduce == "max"), _threads(src.numel()))
+    return True
+
+
+def run_segment_apply(src: Tensor, offsets: Tensor, values: Tensor, op: str, out: Tensor) -> bool:
+    """``out[k] = src[k] - values[s]`` (``op`` ``"sub"``) or ``src[k] / values[s]`` (``"div"``) for the rows ``k``
+    of segment ``s`` (``offsets[s] <= k < offsets[s + 1]``): torch's elementwise operation with ``values`` repeated
+    over the segments, the same bits, without the repeated copy. ``out`` may be ``src``. Runs under the conditions of
+    :func:`run_segment_reduce` (``src``, ``values`` and ``out`` float32 CPU contiguous with equal trailing shapes,
+    ``values`` one row per segment, and the offsets covering ``src`` exactly); ``False`` (nothing written)
+    otherwise."""
+    library = native_kernels()
+    if (library is None or op not in ("sub", "div") or offsets.dtype != torch.int64 or offsets.dim() != 1
+            or not offsets.is_contiguous() or src.dim() < 1 or out.shape != src.shape
+            or values.shape != (offsets.numel() - 1, *src.shape[1:])
+            or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                       for t in (src, values, out))
+            or int(offsets[0]) != 0 or int(offsets[-1]) != src.size(0)):
+        return False
+    width = src.shape[1:].numel()
+    library.grcn_bench_segment_apply_f32(_pointer(offsets), _pointer(src), _pointer(values), _pointer(out),
+                                         values.size(0), width, int(op == "div"), _threads(src.numel()))
     return True
 
 

@@ -57,10 +57,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .native import native_kernels, run_sddmm, run_segment_reduce, run_spmm
+from .native import native_kernels, run_sddmm, run_segment_apply, run_segment_reduce, run_spmm
 
 __all__ = [
-    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_reduce", "segment_softmax", "spmm",
+    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_broadcast", "segment_reduce",
+    "segment_softmax", "spmm",
     "stack_pattern", "stacked_indices", "stacked_rowptr", "user_item_pattern",
 ]
 
@@ -387,27 +388,39 @@ def segment_reduce(src: Tensor, reduce: str, ptr: Tensor) -> Tensor:
     return torch.segment_reduce(src, reduce, offsets=ptr, axis=0)
 
 
+def segment_broadcast(src: Tensor, ptr: Tensor, values: Tensor, op: str, *, out: Tensor | None = None) -> Tensor:
+    """``src - values.repeat_interleave(count, dim=0)`` (``op="sub"``) or ``src / ...`` (``"div"``), ``count`` the
+    segments' lengths from ``ptr`` (int64, from 0 to ``src.size(0)``): by the compiled kernel where it runs (the same
+    bits, without the repeated copy), else by torch. With ``out`` (which may be ``src``) the result is written there.
+    Not differentiable: it runs inside the softmaxes' own autograd functions."""
+    target = src.new_empty(src.shape) if out is None else out
+    if run_segment_apply(src, ptr, values, op, target):
+        return target
+    repeated = values.repeat_interleave(ptr[1:] - ptr[:-1], dim=0, output_size=src.size(0))
+    if op == "sub":
+        return torch.sub(src, repeated, out=out)
+    return torch.div(src, repeated, out=out)
+
+
 class _SegmentSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src: Tensor, ptr: Tensor) -> Tensor:
         # The same operations as torch_geometric.utils.softmax(src, ptr=ptr), so the values are bit for bit PyG's.
-        count = ptr[1:] - ptr[:-1]
-        size = src.size(0)
         src_max = segment_reduce(src, "max", ptr)
         src_max = torch.where(src_max.isinf(), 0, src_max)  # empty segments; they have no entry to shift
-        out = (src - src_max.repeat_interleave(count, dim=0, output_size=size)).exp_()
+        out = segment_broadcast(src, ptr, src_max, "sub").exp_()
         out_sum = segment_reduce(out, "sum", ptr) + 1e-16
-        out.div_(out_sum.repeat_interleave(count, dim=0, output_size=size))
-        ctx.save_for_backward(out, ptr, count)
+        segment_broadcast(out, ptr, out_sum, "div", out=out)
+        ctx.save_for_backward(out, ptr)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        out, ptr, count = ctx.saved_tensors
+        out, ptr = ctx.saved_tensors
         # d softmax: p * (g - sum_segment(p * g)), one pass instead of autograd's trip through every forward step.
         dot = segment_reduce(out * grad, "sum", ptr)
-        return (grad - dot.repeat_interleave(count, dim=0, output_size=out.size(0))).mul_(out), None
+        return segment_broadcast(grad, ptr, dot, "sub").mul_(out), None
 
 
 # --------------------------------------------------------------------------------------------------------- public
