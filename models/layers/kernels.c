@@ -22,8 +22,8 @@
  * lanes.
  *
  * Threads (the calling one among them, all from torch's OpenMP runtime: run_threads) take rows (segments) BLOCK at a
- * time from a shared counter; torch's segment_reduce is a single-threaded scalar loop. Indices are int32 (sparse.py stores them so; segment offsets
- * int64), values and features float32, all contiguous.
+ * time from a shared counter; torch's segment_reduce is a single-threaded scalar loop. Indices are int32 (sparse.py
+ * stores them so; segment offsets int64), values and features float32, all contiguous.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -245,7 +245,7 @@ void grcn_bench_segment_f32(const int64_t *offsets, const float *src, float *out
  * then + bias[j] (bias given) or added to out[i, j] (accumulate), rounded once more either way. That is MKL's sum on
  * the shapes native.py sends here (depth <= 192; it compares the two on this machine before it uses this one).
  * Tiles of 6 x 16 outputs stay in 12 accumulators: 2 loads of b and 6 broadcasts of a per 12 multiply-adds, about
- * 1.4x MKL's rate on [112741, 64] x [64, 64] on the 2-core AMD EPYC machines this project is measured on. */
+ * 1.3-1.4x MKL's rate on [112741, 64] x [64, 64] on the 2-core AMD EPYC machines this project is measured on. */
 #define TILE_ROWS 6
 
 typedef struct {

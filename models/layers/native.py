@@ -134,12 +134,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # offsets, src, values, out, segments, width, divide, threads
     library.grcn_bench_segment_apply_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64,
                                                                              ctypes.c_int, ctypes.c_int]
-    library.grcn_bench_segment_apply_f32.restype = None
     # g, x, partial, out, depth, rows, width, threads
     library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int
+    library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int  # 1: no memory for its scratch blocks
     for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32,
-                   library.grcn_bench_gemm_f32):
+                   library.grcn_bench_segment_apply_f32, library.grcn_bench_gemm_f32):
         kernel.restype = None
     return library, f"native ({target})"
 
