@@ -104,6 +104,8 @@ def test_what_gemm_leaves_to_torch():
         out.fill_(7.0)
         assert not native.run_gemm(left, right, out, bias=add), name
         assert bool((out == 7.0).all()), name  # nothing written
+    with pytest.raises(ValueError, match="add a bias or accumulate into out, not both"):
+        native.run_gemm(a, b, torch.empty(64, 64), bias=bias, accumulate=True)
 
 
 @needs_native

@@ -297,6 +297,8 @@ def test_segment_broadcast_is_torchs_repeated_operation_bit_for_bit(shape, op, m
         "one value row too many": (src, ptr, torch.randn(301, *shape), op),
         "values not contiguous": (src, ptr, torch.stack([values, values], dim=1)[:, 0], op),
     }
+    with pytest.raises(ValueError, match="op must be 'sub' or 'div', got 'mul'"):
+        sparse.segment_broadcast(src, ptr, values, "mul")
     for name, case in refused.items():
         out = torch.full_like(case[0], 7.0)
         assert not native.run_segment_apply(*case, out), name

@@ -372,11 +372,13 @@ def dense_products_status() -> str:
 
 
 def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
-    """``out = a @ b``, ``a @ b + bias`` or (``accumulate``) ``out + a @ b``, with the bits of torch's own product,
-    when the native kernels run, torch sums such products as they do on this machine (:func:`dense_products_status`)
-    and the operands qualify: float32 CPU, ``a [n, k]`` with unit column stride (a column slice will do), ``b [k, w]``
-    and ``out [n, w]`` contiguous, ``n >= 32``, ``k <= 192``, ``w`` a multiple of 16. Returns ``True`` then, else
-    ``False`` with nothing written."""
+    """``out = a @ b``, ``a @ b + bias`` or (``accumulate``, not with a bias) ``out + a @ b``, with the bits of
+    torch's own product, when the native kernels run, torch sums such products as they do on this machine
+    (:func:`dense_products_status`) and the operands qualify: float32 CPU, ``a [n, k]`` with unit column stride (a
+    column slice will do), ``b [k, w]`` and ``out [n, w]`` contiguous, ``n >= 32``, ``k <= 192``, ``w`` a multiple
+    of 16. Returns ``True`` then, else ``False`` with nothing written."""
+    if bias is not None and accumulate:
+        raise ValueError("run_gemm: add a bias or accumulate into out, not both")
     library = native_kernels()
     if library is None or not _gemm_fits(a, b, out, bias) or not _dense_products()[0]:
         return False

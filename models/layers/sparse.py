@@ -61,8 +61,7 @@ from .native import native_kernels, run_sddmm, run_segment_apply, run_segment_re
 
 __all__ = [
     "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_broadcast", "segment_reduce",
-    "segment_softmax", "spmm",
-    "stack_pattern", "stacked_indices", "stacked_rowptr", "user_item_pattern",
+    "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr", "user_item_pattern",
 ]
 
 #: Channel-major operands smaller than this run as one product over the channels' stacked pattern, larger ones as one
@@ -393,6 +392,8 @@ def segment_broadcast(src: Tensor, ptr: Tensor, values: Tensor, op: str, *, out:
     segments' lengths from ``ptr`` (int64, from 0 to ``src.size(0)``): by the compiled kernel where it runs (the same
     bits, without the repeated copy), else by torch. With ``out`` (which may be ``src``) the result is written there.
     Not differentiable: it runs inside the softmaxes' own autograd functions."""
+    if op not in ("sub", "div"):
+        raise ValueError(f"segment_broadcast: op must be 'sub' or 'div', got {op!r}")
     target = src.new_empty(src.shape) if out is None else out
     if run_segment_apply(src, ptr, values, op, target):
         return target
