@@ -210,7 +210,7 @@ def _train_epoch(
         batch_users = users[start:stop].to(device)
         batch_pos = pos[start:stop].to(device)
         batch_neg = neg[start:stop].to(device)
-        emb = model(graph)
+        emb = model.batch_forward(graph, batch_users, batch_pos, batch_neg)
         loss = model.loss(emb, batch_users, batch_pos, batch_neg, settings.reg_weight)
         value = float(loss.detach())
         if not math.isfinite(value):

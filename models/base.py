@@ -76,6 +76,13 @@ class Recommender(torch.nn.Module, abc.ABC):
     def forward(self, graph: InteractionGraph) -> Embeddings:
         """Full-graph forward: user and item representations (and learned edge weights, if any)."""
 
+    def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
+        """What one training batch's loss reads: :meth:`forward`'s representations, bit for bit, at the rows of
+        ``users`` and of the items ``pos`` and ``neg`` (and edge weights, if any), with the same gradients. The
+        default is the full forward; a model may compute only the batch's receptive field
+        (:mod:`.layers.field`) and leave its other rows zero. The trainer calls this, the evaluator :meth:`forward`."""
+        return self(graph)
+
     def score(self, emb: Embeddings, users: Tensor) -> Tensor:
         """``[B, I]`` preference scores of ``users`` for every item (Eq. 11: a dot product)."""
         return emb.user[users] @ emb.item.t()

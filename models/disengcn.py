@@ -7,13 +7,17 @@ Ma, Cui, Kuang, Wu and Zhu, "Disentangled Graph Convolutional Networks", ICML 20
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
 from .base import Embeddings, Recommender, xavier_embedding
 from .layers.content import ItemContentInput, node_inputs
+from .layers.dense import rows_apply
 from .layers.disen import NeighRoutingConv
+from .layers.field import receptive_field
+from .layers.native import native_kernels
 from .layers.sparse import graph_pattern
 
 
@@ -98,6 +102,20 @@ class DisenGCN(Recommender):
         for conv in self.convs:
             x = conv(x, graph.edge_index, pattern=pattern)
         return Embeddings(*x.split([self.num_users, self.num_items]))
+
+    def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
+        """:meth:`forward`'s representations at the batch's users and items and the same gradients, bit for bit,
+        with the routing layers computed over the batch's receptive field only (:mod:`.layers.field`; zero rows
+        elsewhere). The layer-0 inputs are computed whole. Where the compiled products do not run (or the layer
+        widths do not suit them), the full :meth:`forward`."""
+        if native_kernels() is None or not all(rows_apply(conv.lin.weight, graph.num_nodes) for conv in self.convs):
+            return self(graph)
+        field = receptive_field(graph, torch.cat([users, pos + self.num_users, neg + self.num_users]), self.num_layers)
+        x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph).index_select(0, field.nodes[0])
+        for layer, conv in enumerate(self.convs, start=1):
+            x = conv(x, graph.edge_index, field=field.layer(layer))
+        full = x.new_zeros(graph.num_nodes, x.size(1)).index_copy(0, field.nodes[-1], x)
+        return Embeddings(*full.split([self.num_users, self.num_items]))
 
     def extra_repr(self) -> str:
         return (

@@ -12,9 +12,29 @@ from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
 from .content import reset_xavier, xavier_linear
-from .dense import linear
+from .dense import RowSubset, linear
 from .edge_ops import l2_normalize
+from .field import FieldLayer
 from .sparse import CSRPattern, sddmm, spmm, stack_pattern
+
+
+class _ChannelSoftmaxInPlace(torch.autograd.Function):
+    """``torch.softmax(agreement, dim=0)`` for ``[K, n]`` agreements of some of a graph's ``E`` edges, computed at the
+    edges' positions in a ``[K, E]`` tensor: torch computes a few columns per thread on a scalar path whose ``exp``
+    can differ from the vectorised one in the last bit, so the values are those of the whole graph's softmax only
+    there. The backward (multiplications and sums only, the same on either path) runs on the ``n`` columns."""
+
+    @staticmethod
+    def forward(ctx, agreement: Tensor, edges: Tensor, num_edges: int) -> Tensor:
+        whole = agreement.new_zeros(agreement.size(0), num_edges).index_copy_(1, edges, agreement)
+        p = torch.softmax(whole, dim=0).index_select(1, edges)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (p,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad.contiguous(), p, 0, p.dtype), None, None
 
 
 class NeighRoutingConv(MessagePassing):
@@ -77,9 +97,10 @@ class NeighRoutingConv(MessagePassing):
         super().reset_parameters()
         reset_xavier(self.lin)
 
-    def channels(self, x: Tensor) -> Tensor:
-        """``[N, K, channel_dim]``: the per-channel projections, ReLU, each channel L2-normalised."""
-        z = F.relu(linear(x, self.lin.weight, self.lin.bias), inplace=True)  # in place on a fresh product
+    def channels(self, x: Tensor, rows: RowSubset | None = None) -> Tensor:
+        """``[N, K, channel_dim]``: the per-channel projections, ReLU, each channel L2-normalised (``rows``: ``x``
+        holds these rows of the graph's nodes, :func:`~.dense.linear`)."""
+        z = F.relu(linear(x, self.lin.weight, self.lin.bias, rows=rows), inplace=True)  # in place on a fresh product
         z = z.view(-1, self.num_channels, self.channel_dim)
         return l2_normalize(z)
 
@@ -89,8 +110,12 @@ class NeighRoutingConv(MessagePassing):
         edge_index: Tensor,
         *,
         pattern: CSRPattern | None = None,
+        field: FieldLayer | None = None,
         return_probabilities: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        if field is not None:
+            return self._route_sparse(self.channels(x, field.input_rows), field.pattern, field)[
+                slice(None) if return_probabilities else 0]
         z = self.channels(x)
         if pattern is None:  # reference path: PyG gathers [E, K, channel_dim] per step
             c = z
@@ -104,23 +129,38 @@ class NeighRoutingConv(MessagePassing):
             out, p = self._route_sparse(z, pattern)
         return (out, p) if return_probabilities else out
 
-    def _route_sparse(self, z: Tensor, pattern: CSRPattern) -> tuple[Tensor, Tensor]:
+    def _route_sparse(self, z: Tensor, pattern: CSRPattern,
+                      field: FieldLayer | None = None) -> tuple[Tensor, Tensor]:
         """The same sums as the reference path, channel-major: each step is one sampled product (the agreements,
         ``[K, E]``) and one sparse product (the routed sum) over :func:`~.sparse.stack_pattern`'s block pattern,
-        with no ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic."""
+        with no ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic.
+
+        With ``field`` (:mod:`.field`), ``z`` holds the layer's input rows and ``pattern`` goes to its output rows:
+        the output and gradients are the whole layer's there, bit for bit. Each use of the targets' own channels
+        gathers them separately, so that autograd sums their gradients in the whole layer's order, and the
+        softmax runs at the entries' positions in the whole graph's ``[K, E]``: torch computes its last few columns
+        per thread on a scalar path whose ``exp`` can differ in the last bit.
+        """
         k, d = self.num_channels, self.channel_dim
         block = stack_pattern(pattern, k)
         z_k = z.transpose(0, 1).contiguous()  # [K, N, d]: channel k's nodes are block k of the product's operand
         z_flat = z_k.view(-1, d)
-        c = z_k
+
+        def own() -> Tensor:  # the targets' own channels [K, R, d]
+            return z_k if field is None else z_k.index_select(1, field.self_positions)
+
+        c = own()
         p = z.new_zeros(k, pattern.nnz)
         for _ in range(self.iterations):
             agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, E]
             if self.tau != 1.0:  # dividing by 1 changes nothing: skip an [K, E] pass
                 agreement = agreement / self.tau
-            p = torch.softmax(agreement, dim=0)  # over channels, per edge
+            if field is None:
+                p = torch.softmax(agreement, dim=0)  # over channels, per edge
+            else:
+                p = _ChannelSoftmaxInPlace.apply(agreement, field.edges, field.num_edges)
             routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
-            c = l2_normalize(z_k + routed)
+            c = l2_normalize(own() + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)
         return out, p.t()
 

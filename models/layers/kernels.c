@@ -324,6 +324,7 @@ void grcn_bench_gemm_f32(const float *a, int64_t lda, const float *b, const floa
 typedef struct {
   const float *g, *x;
   float *partial, *out;
+  const int64_t *offsets; /* block b is rows offsets[b]..offsets[b+1] (each at most TN_BLOCK), or NULL: TN_BLOCK each */
   int64_t depth, rows, width, blocks;
   int64_t *next;
 } tn_job;
@@ -338,7 +339,10 @@ static void *gemm_tn_blocks(void *arg) {
   float *packed_x = packed_g + rows * TN_BLOCK;
   for (int64_t block = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED); block < job->blocks;
        block = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) {
-    const int64_t start = block * TN_BLOCK, depth = job->depth - start < TN_BLOCK ? job->depth - start : TN_BLOCK;
+    const int64_t start = job->offsets ? job->offsets[block] : block * TN_BLOCK;
+    const int64_t depth = job->offsets                      ? job->offsets[block + 1] - start
+                          : job->depth - start < TN_BLOCK ? job->depth - start
+                                                          : TN_BLOCK; /* an empty block's sums are +0 */
     for (int64_t k = 0; k < depth; ++k) {
       const float *g_row = job->g + (start + k) * rows, *x_row = job->x + (start + k) * width;
       for (int64_t m = 0; m < rows; ++m) packed_g[m * TN_BLOCK + k] = g_row[m];
@@ -371,13 +375,15 @@ static void *gemm_tn_sum(void *arg) {
   return 0;
 }
 
-/* out [rows, width] = g^T x for g [depth, rows] and x [depth, width], both contiguous; rows and width multiples of 16;
- * partial holds ceil(depth / TN_BLOCK) * rows * width floats. Returns 0, or 1 when scratch memory ran out. */
-int grcn_bench_gemm_tn_f32(const float *g, const float *x, float *partial, float *out, int64_t depth, int64_t rows,
-                           int64_t width, int threads) {
+/* out [rows, width] = g^T x for g [depth, rows] and x [depth, width], both contiguous; rows and width multiples of 16.
+ * Blocks of TN_BLOCK rows, or (offsets given) the `blocks` blocks offsets[b]..offsets[b+1]: the rows of a larger
+ * product that its other rows add exact zeros to, blocked as that product's are. partial holds blocks * rows * width
+ * floats. Returns 0, or 1 when scratch memory ran out. */
+int grcn_bench_gemm_tn_f32(const float *g, const float *x, const int64_t *offsets, int64_t blocks, float *partial,
+                           float *out, int64_t depth, int64_t rows, int64_t width, int threads) {
   int64_t next = 0;
-  tn_job job = {.g = g, .x = x, .partial = partial, .out = out, .depth = depth, .rows = rows, .width = width,
-                .blocks = (depth + TN_BLOCK - 1) / TN_BLOCK, .next = &next};
+  tn_job job = {.g = g, .x = x, .partial = partial, .out = out, .offsets = offsets, .depth = depth, .rows = rows,
+                .width = width, .blocks = offsets ? blocks : (depth + TN_BLOCK - 1) / TN_BLOCK, .next = &next};
   int failed = 0;
   if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

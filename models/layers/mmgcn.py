@@ -12,7 +12,7 @@ from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
 from .content import reset_xavier, xavier_linear
-from .dense import linear
+from .dense import RowSubset, linear
 from .sparse import CSRPattern, spmm
 
 
@@ -48,7 +48,10 @@ class AggregateCombineConv(MessagePassing):
           and optionally the graph's :func:`~.sparse.graph_pattern` with ``mean_weight [E]``
           (:func:`mean_weights`): then the mean runs as one CSR product (:func:`~.sparse.spmm`) instead of PyG's
           gather and scatter-mean, which stays as the reference path.
-        - **output:** ``[N, out]``.
+        - **receptive field** (:mod:`.field`): with ``pattern`` restricted to some rows (its columns: the rows of
+          ``x``), ``x_self`` (those rows' own inputs), ``id_embedding`` at those rows and ``rows`` (their ids in the
+          whole graph), the output is the whole layer's at those rows, bit for bit, with the same gradients.
+        - **output:** ``[N, out]`` (or ``[len(rows), out]``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, negative_slope: float = 0.01):
@@ -72,21 +75,28 @@ class AggregateCombineConv(MessagePassing):
         *,
         pattern: CSRPattern | None = None,
         mean_weight: Tensor | None = None,
+        x_self: Tensor | None = None,
+        rows: RowSubset | None = None,
     ) -> Tensor:
         if (pattern is None) != (mean_weight is None):
             raise ValueError("AggregateCombineConv: pass both pattern and mean_weight for the sparse path, or neither")
+        if (x_self is None) != (rows is None) or rows is not None and pattern is None:
+            raise ValueError("AggregateCombineConv: the rows of a receptive field need pattern, mean_weight, x_self "
+                             "and rows together")
         mean = self.propagate(edge_index, x=x) if pattern is None else spmm(pattern, mean_weight, x)
+        x_self = x if x_self is None else x_self
         slope = self.negative_slope
         # In-place activations act on fresh products whose backward does not read them: the same values, one
         # [N, out] allocation fewer each.
         # dense.linear: F.linear's values and gradients, bit for bit, from a faster product on CPU.
-        h = F.leaky_relu(linear(mean, self.aggregate_lin.weight), slope, inplace=True)
-        x_hat = F.leaky_relu(linear(x, self.self_lin.weight, self.self_lin.bias), slope, inplace=True) + id_embedding
+        h = F.leaky_relu(linear(mean, self.aggregate_lin.weight, rows=rows), slope, inplace=True)
+        x_hat = F.leaky_relu(linear(x_self, self.self_lin.weight, self.self_lin.bias, rows=rows), slope, inplace=True)
+        x_hat = x_hat + id_embedding
         # W_3 [h ‖ x_hat] + b_3 as W_3[:, :out] h + b_3, then W_3[:, out:] x_hat accumulated into it: no [N, 2 out]
         # concatenation to write and to slice the gradient of (equal up to round-off).
         weight = self.combine_lin.weight
-        out = linear(h, weight[:, : self.out_channels], self.combine_lin.bias)
-        out = linear(x_hat, weight[:, self.out_channels :], add=out)
+        out = linear(h, weight[:, : self.out_channels], self.combine_lin.bias, rows=rows)
+        out = linear(x_hat, weight[:, self.out_channels :], add=out, rows=rows)
         return F.leaky_relu(out, slope, inplace=True)
 
     def message(self, x_j: Tensor) -> Tensor:

@@ -57,8 +57,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "dense_products_status", "forget_loaded", "kernel_status", "native_kernels", "run_gemm", "run_gemm_tn", "run_sddmm",
-    "run_segment_apply", "run_segment_reduce", "run_spmm", "use_kernels",
+    "dense_products_status", "forget_loaded", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "run_gemm",
+    "run_gemm_tn", "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # offsets, src, values, out, segments, width, divide, threads
     library.grcn_bench_segment_apply_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64,
                                                                              ctypes.c_int, ctypes.c_int]
-    # g, x, partial, out, depth, rows, width, threads
-    library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    # g, x, offsets, blocks, partial, out, depth, rows, width, threads
+    library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
+        ctypes.c_int64] * 3 + [ctypes.c_int]
     library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int  # 1: no memory for its scratch blocks
     for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32,
                    library.grcn_bench_segment_apply_f32, library.grcn_bench_gemm_f32):
@@ -293,12 +294,13 @@ GEMM_TN_BLOCK = 192
 GEMM_TN_MAX_DEPTH = 1 << 18
 
 
-def _gemm_fits(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> bool:
+def _gemm_fits(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, full_rows: int | None = None) -> bool:
     rows, depth, width = a.size(0), a.size(1), b.size(1)
     floats = (a, b, out) if bias is None else (a, b, out, bias)
     return (
         a.dim() == 2 and b.dim() == 2 and out.dim() == 2 and b.size(0) == depth and out.shape == (rows, width)
-        and GEMM_MIN_ROWS <= rows and 0 < depth <= GEMM_MAX_DEPTH and width > 0 and width % 16 == 0
+        and GEMM_MIN_ROWS <= (rows if full_rows is None else full_rows)
+        and 0 < depth <= GEMM_MAX_DEPTH and width > 0 and width % 16 == 0
         and a.stride(1) == 1 and a.stride(0) >= depth and b.is_contiguous() and out.is_contiguous()
         and (bias is None or (bias.shape == (width,) and bias.is_contiguous()))
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in floats)
@@ -312,20 +314,37 @@ def _gemm(library: ctypes.CDLL, a: Tensor, b: Tensor, out: Tensor, bias: Tensor 
                                 width, int(accumulate), _threads(rows * depth * width))
 
 
+def gemm_tn_depth_fits(depth: int) -> bool:
+    """Whether :func:`run_gemm_tn` reproduces MKL's sums over this many rows (one chain, or blocks of 192)."""
+    return 0 < depth <= GEMM_TN_BLOCK or 2 * GEMM_TN_BLOCK <= depth <= GEMM_TN_MAX_DEPTH
+
+
 def _gemm_tn_fits(g: Tensor, x: Tensor, out: Tensor) -> bool:
     depth = g.size(0)
     return (
         g.dim() == 2 and x.dim() == 2 and x.size(0) == depth and out.shape == (g.size(1), x.size(1))
-        and (0 < depth <= GEMM_TN_BLOCK or 2 * GEMM_TN_BLOCK <= depth <= GEMM_TN_MAX_DEPTH)
+        and gemm_tn_depth_fits(depth)
         and all(0 < size <= 512 and size % 16 == 0 for size in out.shape)
         and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (g, x, out))
     )
 
 
-def _gemm_tn(library: ctypes.CDLL, g: Tensor, x: Tensor, out: Tensor) -> None:
+def _offsets_fit(offsets: Tensor, depth: int) -> bool:
+    """Whether ``offsets`` splits ``depth`` rows into blocks of at most 192, in order, on the CPU as int64."""
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 2 or offsets.device.type != "cpu":
+        return False
+    steps = offsets.diff()
+    return (int(offsets[0]) == 0 and int(offsets[-1]) == depth and bool((steps >= 0).all())
+            and bool((steps <= GEMM_TN_BLOCK).all()))
+
+
+def _gemm_tn(library: ctypes.CDLL, g: Tensor, x: Tensor, out: Tensor, offsets: Tensor | None = None) -> None:
     depth, rows, width = g.size(0), g.size(1), x.size(1)
-    partial = g.new_empty(-(-depth // GEMM_TN_BLOCK), rows, width)
-    if library.grcn_bench_gemm_tn_f32(_pointer(g), _pointer(x), _pointer(partial), _pointer(out), depth, rows, width,
+    blocks = -(-depth // GEMM_TN_BLOCK) if offsets is None else offsets.numel() - 1
+    partial = g.new_empty(blocks, rows, width)
+    if library.grcn_bench_gemm_tn_f32(_pointer(g), _pointer(x),
+                                      ctypes.c_void_p(None) if offsets is None else _pointer(offsets), blocks,
+                                      _pointer(partial), _pointer(out), depth, rows, width,
                                       _threads(depth * rows * width)):
         raise MemoryError("grcn_bench_gemm_tn_f32: no memory for its scratch blocks")
 
@@ -371,28 +390,43 @@ def dense_products_status() -> str:
     return _dense_products()[1]
 
 
-def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
+def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False,
+             full_rows: int | None = None) -> bool:
     """``out = a @ b``, ``a @ b + bias`` or (``accumulate``, not with a bias) ``out + a @ b``, with the bits of
     torch's own product, when the native kernels run, torch sums such products as they do on this machine
     (:func:`dense_products_status`) and the operands qualify: float32 CPU, ``a [n, k]`` with unit column stride (a
     column slice will do), ``b [k, w]`` and ``out [n, w]`` contiguous, ``n >= 32``, ``k <= 192``, ``w`` a multiple
-    of 16. Returns ``True`` then, else ``False`` with nothing written."""
+    of 16. With ``full_rows``, ``a``'s rows are some of those of a product with that many rows, whose bits they get
+    (each output element is summed on its own), and the row limit applies to ``full_rows``. Returns ``True`` then,
+    else ``False`` with nothing written."""
     if bias is not None and accumulate:
         raise ValueError("run_gemm: add a bias or accumulate into out, not both")
     library = native_kernels()
-    if library is None or not _gemm_fits(a, b, out, bias) or not _dense_products()[0]:
+    if library is None or not _gemm_fits(a, b, out, bias, full_rows) or not _dense_products()[0]:
         return False
     _gemm(library, a, b, out, bias, accumulate)
     return True
 
 
-def run_gemm_tn(g: Tensor, x: Tensor, out: Tensor) -> bool:
+def run_gemm_tn(g: Tensor, x: Tensor, out: Tensor, *, block_offsets: Tensor | None = None) -> bool:
     """``out = g^T x`` (a linear map's weight gradient ``grad^T input``) with the bits of torch's product, under the
     conditions of :func:`run_gemm`, for contiguous float32 ``g [n, r]``, ``x [n, w]``, ``out [r, w]`` with ``r`` and
-    ``w`` multiples of 16 up to 512, and ``n`` up to 192 or from 384 to 262,144. Returns ``True`` then, else ``False``
-    with nothing written."""
+    ``w`` multiples of 16 up to 512, and ``n`` up to 192 or from 384 to 262,144.
+
+    With ``block_offsets`` (int64, ``[B + 1]``, from 0 to ``n``, steps of at most 192) the rows are those of a
+    larger product whose other rows of ``g`` are zero, and block ``b`` is rows ``block_offsets[b] ..
+    block_offsets[b+1]``: the blocks of 192 rows of that product (:func:`~.dense.linear` with ``rows``). The result
+    is that product's, bit for bit while its inputs are finite: each chain starts at ``+0``, which a zero term leaves
+    unchanged (round-to-nearest never turns it into ``-0``). ``n`` may be any size then.
+
+    Returns ``True`` when it ran, else ``False`` with nothing written."""
     library = native_kernels()
-    if library is None or not _gemm_tn_fits(g, x, out) or not _dense_products()[0]:
+    if library is None or not _dense_products()[0]:
         return False
-    _gemm_tn(library, g, x, out)
+    if block_offsets is None:
+        if not _gemm_tn_fits(g, x, out):
+            return False
+    elif not (_gemm_tn_fits(g[:1], x[:1], out) and x.size(0) == g.size(0) and _offsets_fit(block_offsets, g.size(0))):
+        return False
+    _gemm_tn(library, g, x, out, block_offsets)
     return True
