@@ -37,6 +37,23 @@ class _ChannelSoftmaxInPlace(torch.autograd.Function):
         return torch._softmax_backward_data(grad.contiguous(), p, 0, p.dtype), None, None
 
 
+class _SelectRows(torch.autograd.Function):
+    """``x.index_select(0, rows)`` for distinct ``rows``, whose gradient is written into a zero tensor by a row
+    scatter (``index_add_`` along dimension 0, the same sums as ``index_select``'s own backward along any
+    dimension: each row gets ``0 + g``), several times as fast as a gather along a middle dimension."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.num_rows = x.size(0)
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.num_rows, *grad.shape[1:]).index_add_(0, rows, grad), None
+
+
 class NeighRoutingConv(MessagePassing):
     r"""DisenConv: each node's representation is split into :math:`K` channels, and neighbourhood routing decides
     which channel each neighbour's message belongs to (Algorithm 1), over the full neighbourhood (no sampling).
@@ -114,8 +131,8 @@ class NeighRoutingConv(MessagePassing):
         return_probabilities: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if field is not None:
-            return self._route_sparse(self.channels(x, field.input_rows), field.pattern, field)[
-                slice(None) if return_probabilities else 0]
+            out, p = self._route_field(self.channels(x, field.input_rows), field)
+            return (out, p) if return_probabilities else out
         z = self.channels(x)
         if pattern is None:  # reference path: PyG gathers [E, K, channel_dim] per step
             c = z
@@ -129,36 +146,57 @@ class NeighRoutingConv(MessagePassing):
             out, p = self._route_sparse(z, pattern)
         return (out, p) if return_probabilities else out
 
-    def _route_sparse(self, z: Tensor, pattern: CSRPattern,
-                      field: FieldLayer | None = None) -> tuple[Tensor, Tensor]:
+    def _route_sparse(self, z: Tensor, pattern: CSRPattern) -> tuple[Tensor, Tensor]:
         """The same sums as the reference path, channel-major: each step is one sampled product (the agreements,
         ``[K, E]``) and one sparse product (the routed sum) over :func:`~.sparse.stack_pattern`'s block pattern,
-        with no ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic.
-
-        With ``field`` (:mod:`.field`), ``z`` holds the layer's input rows and ``pattern`` goes to its output rows:
-        the output and gradients are the whole layer's there, bit for bit. Each use of the targets' own channels
-        gathers them separately, so that autograd sums their gradients in the whole layer's order, and the
-        softmax runs at the entries' positions in the whole graph's ``[K, E]``: torch computes its last few columns
-        per thread on a scalar path whose ``exp`` can differ in the last bit.
-        """
+        with no ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic."""
         k, d = self.num_channels, self.channel_dim
         block = stack_pattern(pattern, k)
         z_k = z.transpose(0, 1).contiguous()  # [K, N, d]: channel k's nodes are block k of the product's operand
         z_flat = z_k.view(-1, d)
-
-        def own() -> Tensor:  # the targets' own channels [K, R, d]
-            return z_k if field is None else z_k.index_select(1, field.self_positions)
-
-        c = own()
+        c = z_k
         p = z.new_zeros(k, pattern.nnz)
         for _ in range(self.iterations):
             agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, E]
             if self.tau != 1.0:  # dividing by 1 changes nothing: skip an [K, E] pass
                 agreement = agreement / self.tau
-            if field is None:
-                p = torch.softmax(agreement, dim=0)  # over channels, per edge
-            else:
-                p = _ChannelSoftmaxInPlace.apply(agreement, field.edges, field.num_edges)
+            p = torch.softmax(agreement, dim=0)  # over channels, per edge
+            routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
+            c = l2_normalize(z_k + routed)
+        out = c.transpose(0, 1).reshape(-1, k * d)
+        return out, p.t()
+
+    def _route_field(self, z: Tensor, field: FieldLayer) -> tuple[Tensor, Tensor]:
+        """:meth:`_route_sparse` over a receptive field's layer (:mod:`.field`): ``z`` holds the input rows, the
+        output is the whole layer's at the output rows, gradients included, bit for bit.
+
+        - The softmax runs at the entries' positions in the whole graph's ``[K, E]``: torch computes a few columns
+          per thread on a scalar path whose ``exp`` can differ in the last bit (:class:`_ChannelSoftmaxInPlace`).
+        - ``z_k`` (``[K, N, d]``) receives its gradients as in the whole layer, so that autograd adds them in the
+          same order: the targets' own channels are gathered anew for each use (in the whole layer each use reads
+          ``z_k`` itself), and the products read ``z_k`` through one view, whose node sums their gradients first.
+
+        (The headed products, which gather a neighbour's row once for all channels, measured slower here: their
+        ``[nnz, K]`` weights need transposed copies of the channel-major softmax, and reading channel-major weights
+        in a transpose's order costs a cache miss per channel and entry.)
+        """
+        k, d = self.num_channels, self.channel_dim
+        pattern = field.pattern
+        block = stack_pattern(pattern, k)
+        z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes are block k of the product's operand
+        z_flat = z_k.view(-1, d)
+        own_rows = (torch.arange(k).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
+
+        def own() -> Tensor:  # the targets' own channels [K, R, d], through a view of z_k of their own
+            return _SelectRows.apply(z_k.view(-1, d), own_rows).view(k, -1, d)
+
+        c = own()
+        p = z.new_zeros(k, pattern.nnz)
+        for _ in range(self.iterations):
+            agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, nnz]
+            if self.tau != 1.0:
+                agreement = agreement / self.tau
+            p = _ChannelSoftmaxInPlace.apply(agreement, field.edges, field.num_edges)
             routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
             c = l2_normalize(own() + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)
