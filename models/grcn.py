@@ -20,6 +20,8 @@ from grcn_bench.datasets.base import MODALITIES, DatasetInfo, InteractionGraph
 from . import register_model
 from .base import Embeddings, Recommender
 from .layers.dense import linear
+from .layers.field import receptive_field
+from .layers.native import native_kernels
 from .layers.refine import (
     Fusion,
     Pruning,
@@ -30,7 +32,7 @@ from .layers.refine import (
     prune,
     route_prototypes,
 )
-from .layers.sparse import CSRPattern, graph_pattern, user_item_pattern
+from .layers.sparse import CSRPattern, graph_pattern, spmm, user_item_pattern
 
 Variant = Literal["paper", "official"]
 Routing = Literal["paper", "official"]
@@ -274,14 +276,17 @@ class GRCN(Recommender):
         initial = self.user_prototypes.transpose(0, 1).contiguous()
         return route_prototypes(item_content, initial, graph, iterations, pattern=pattern)
 
-    def forward(self, graph: InteractionGraph) -> Embeddings:
+    def refined_graph(self, graph: InteractionGraph) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The graph refining layer: item content ``[M, I, d]`` (Eq. 1), user prototypes ``[M, U, d]`` (Eqs. 2-4),
+        per-modality affinities ``[M, 2E]`` (Eq. 5) and the fused, pruned weight of every directed edge ``[2E]``
+        (Eqs. 6-7)."""
         if graph.num_users != self.num_users or graph.num_items != self.num_items:
             raise ValueError(
                 f"graph has {graph.num_users} users x {graph.num_items} items, the model was built for "
                 f"{self.num_users} x {self.num_items}"
             )
         # Index structures of the sparse products: views of the graph's CSR tensors (no state kept between calls).
-        user_items, pattern = user_item_pattern(graph), graph_pattern(graph)
+        user_items = user_item_pattern(graph)
         content = self.item_content(graph)  # [M, I, d], Eq. 1
         prototypes = self.user_preferences(content, graph, pattern=user_items)  # [M, U, d], Eqs. 2-4
         scores = affinities(prototypes, content, graph, pattern=user_items)  # [M, 2E], Eq. 5
@@ -290,7 +295,21 @@ class GRCN(Recommender):
             node = graph.edge_index[1] if self.confidence_from == "target" else graph.edge_index[0]
             confidence = self.base_vectors.index_select(0, node).t()  # [M, 2E]
         weight = prune(fuse(scores, self.fusion, confidence), self.pruning)  # [2E], Eqs. 6-7
+        return content, prototypes, scores, weight
 
+    def content_readout_nodes(self, graph: InteractionGraph, prototypes: Tensor, content: Tensor,
+                              scores: Tensor, pattern: CSRPattern) -> tuple[Tensor, Tensor]:
+        """The modality blocks of Eq. 10: the prototypes and content, or (the release's one-hop readout) each plus
+        its per-modality affinity-weighted neighbourhood sum."""
+        if self.content_readout != "one_hop":
+            return prototypes, content
+        nodes = torch.cat([prototypes, content], dim=1)  # [M, N, d]
+        nodes = nodes + self.propagation(nodes, graph.edge_index, scores, pattern=pattern)
+        return nodes[:, : self.num_users], nodes[:, self.num_users :]
+
+    def forward(self, graph: InteractionGraph) -> Embeddings:
+        content, prototypes, scores, weight = self.refined_graph(graph)
+        pattern = graph_pattern(graph)
         x = l2_normalize(self.id_embedding)  # e^(0)
         total = x
         for _ in range(self.num_layers):  # Eq. 8, summed over layers as in Eq. 9
@@ -299,15 +318,44 @@ class GRCN(Recommender):
         user, item = total[: self.num_users], total[self.num_users :]
         if self.id_only_prediction:
             return Embeddings(user, item, weight)
-
-        if self.content_readout == "one_hop":
-            nodes = torch.cat([prototypes, content], dim=1)  # [M, N, d]
-            nodes = nodes + self.propagation(nodes, graph.edge_index, scores, pattern=pattern)
-            prototypes, content = nodes[:, : self.num_users], nodes[:, self.num_users :]
+        prototypes, content = self.content_readout_nodes(graph, prototypes, content, scores, pattern)
         # Eq. 10: e || u_v || u_a || u_t, the modality blocks in v, a, t order.
         user = torch.cat([user, *prototypes.unbind(0)], dim=1)
         item = torch.cat([item, *content.unbind(0)], dim=1)
         return Embeddings(user, item, weight)
+
+    def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
+        """:meth:`forward`'s representations at the batch's users and items (zero rows elsewhere), its edge weights
+        and the same gradients, bit for bit, with the propagation (Eqs. 8-9) computed over the batch's receptive
+        field only (:mod:`.layers.field`). The refining layer runs whole: its prototypes are needed for nearly
+        every user whose edges the field reads. Where the compiled sparse products do not run, the full
+        :meth:`forward`."""
+        if native_kernels() is None or self.id_embedding.device.type != "cpu":
+            return self(graph)
+        content, prototypes, scores, weight = self.refined_graph(graph)
+        seeds = torch.cat([users, pos + self.num_users, neg + self.num_users])
+        field = receptive_field(graph, seeds, self.num_layers)
+        x = l2_normalize(self.id_embedding)  # e^(0), whole: a cheap row-wise pass
+        batch = field.nodes[-1]
+        total = x.index_select(0, batch)
+        # Layer l's rows are field.nodes[l]; the batch's rows among them, for Eq. 9's sum
+        positions = [torch.arange(batch.numel())]
+        for layer in range(self.num_layers, 1, -1):
+            positions.insert(0, field.self_positions[layer - 1].index_select(0, positions[0]))
+        h = x.index_select(0, field.nodes[0])
+        for layer in range(1, self.num_layers + 1):
+            h = spmm(field.patterns[layer - 1], weight.index_select(0, field.edges[layer - 1]), h)
+            total = total + (h if layer == self.num_layers else h.index_select(0, positions[layer - 1]))
+        split = int(torch.searchsorted(batch, self.num_users))  # users come first
+        user_rows, item_rows = batch[:split], batch[split:] - self.num_users
+        user, item = total[:split], total[split:]
+        if not self.id_only_prediction:
+            pattern = graph_pattern(graph) if self.content_readout == "one_hop" else None
+            prototypes, content = self.content_readout_nodes(graph, prototypes, content, scores, pattern)
+            user = torch.cat([user, *prototypes.index_select(1, user_rows).unbind(0)], dim=1)
+            item = torch.cat([item, *content.index_select(1, item_rows).unbind(0)], dim=1)
+        return Embeddings(user.new_zeros(self.num_users, user.size(1)).index_copy(0, user_rows, user),
+                          item.new_zeros(self.num_items, item.size(1)).index_copy(0, item_rows, item), weight)
 
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
         """Eq. 13's regularised rows: ``E`` for the batch's users, positives and negatives, and each modality's

@@ -1,7 +1,7 @@
 """Training over a batch's receptive field (``layers.field``, ``linear(rows=...)``, ``Recommender.batch_forward``):
 the nodes and sub-patterns against an independent neighbourhood expansion, every restricted product against the
-whole graph's to the bit (values and gradients), and MMGCN's and DisenGCN's batch losses and gradients against
-their full forward's."""
+whole graph's to the bit (values and gradients), and the batch losses and gradients of MMGCN, DisenGCN and GRCN
+(three variants) against their full forward's."""
 
 from __future__ import annotations
 
@@ -227,31 +227,40 @@ def _batch(dataset, size: int, seed: int):
     return pairs[:, 0], pairs[:, 1], negatives
 
 
+MODELS_WITH_A_FIELD = [
+    ("mmgcn", {}), ("disengcn", {}), ("grcn", {}), ("grcn", {"variant": "official"}),
+    ("grcn", {"id_only_prediction": True, "fusion": "mean"}),
+]
+
+
 @needs_chained_mkl
-@pytest.mark.parametrize("name", ["mmgcn", "disengcn"])
+@pytest.mark.parametrize(("name", "options"), MODELS_WITH_A_FIELD)
 @pytest.mark.parametrize("spec", ["synthetic:tiktok", "synthetic:tiny?text=words", "synthetic:movielens"])
-def test_batch_forward_is_the_full_forward_to_the_bit(name, spec, monkeypatch):
-    """Three optimiser steps each way: the losses, every gradient and every parameter after each step. The field
-    path must have run (counted). Tiktok-shaped: 3,500 nodes (blocked weight gradients); tiny with word-id text:
-    150 nodes (one chain); Movielens-shaped: 2,048-d features, which MMGCN projects whole."""
+def test_batch_forward_is_the_full_forward_to_the_bit(name, options, spec, monkeypatch):
+    """Three optimiser steps each way: the losses, every gradient and every parameter after each step, and the
+    learned edge weights. The field path must have run (counted). Tiktok-shaped: 3,500 nodes (blocked weight
+    gradients); tiny with word-id text: 150 nodes (one chain); Movielens-shaped: 2,048-d features, which MMGCN
+    projects whole."""
     dataset = load_dataset(spec)
     graph = dataset.graph()
     seed_everything(0)
-    full = get_model(name)(dataset.info())
+    full = get_model(name)(dataset.info(), **options)
     restricted = copy.deepcopy(full)
     optimizers = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (full, restricted)]
     built = []
     monkeypatch.setattr(f"grcn_bench.models.{name}.receptive_field", lambda *a: built.append(1) or receptive_field(*a))
     for step in range(3):
         users, pos, neg = _batch(dataset, 64, step)
-        losses = []
+        losses, edge_weights = [], []
         for model, optimizer, whole in ((full, optimizers[0], True), (restricted, optimizers[1], False)):
             emb = model(graph) if whole else model.batch_forward(graph, users, pos, neg)
             loss = model.loss(emb, users, pos, neg, 1e-3)
             optimizer.zero_grad()
             loss.backward()
             losses.append(loss.detach())
+            edge_weights.append(emb.edge_weight)
         assert torch.equal(losses[0], losses[1])
+        assert edge_weights[0] is None and edge_weights[1] is None or torch.equal(*edge_weights)
         for (parameter_name, a), b in zip(full.named_parameters(), restricted.parameters(), strict=True):
             assert (a.grad is None) == (b.grad is None), parameter_name
             assert a.grad is None or torch.equal(a.grad, b.grad), parameter_name
@@ -260,7 +269,7 @@ def test_batch_forward_is_the_full_forward_to_the_bit(name, spec, monkeypatch):
     assert len(built) == 3
 
 
-@pytest.mark.parametrize("name", ["mmgcn", "disengcn"])
+@pytest.mark.parametrize("name", ["mmgcn", "disengcn", "grcn"])
 def test_batch_forward_is_the_full_forward_where_the_products_do_not_run(name):
     dataset = load_dataset("synthetic:tiny")
     graph = dataset.graph()
@@ -270,6 +279,8 @@ def test_batch_forward_is_the_full_forward_where_the_products_do_not_run(name):
         emb = model.batch_forward(graph, users, pos, neg)
         reference = model(graph)
     assert torch.equal(emb.user, reference.user) and torch.equal(emb.item, reference.item)  # every row
+    assert emb.edge_weight is None and reference.edge_weight is None or torch.equal(emb.edge_weight,
+                                                                                    reference.edge_weight)
 
 
 def test_the_trainer_trains_through_batch_forward():

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .dense import RowSubset
-from .sparse import CSRPattern, _compact
+from .sparse import CSRPattern
 
 __all__ = ["FieldLayer", "ReceptiveField", "receptive_field"]
 
@@ -96,26 +96,26 @@ class ReceptiveField:
                           self.rows(layer - 1), self.rows(layer), self.num_edges)
 
 
+# The walk below gathers from tables with one entry per edge or node: as int32 (every id fits) those gathers ran
+# about 4x as fast as from int64 tables here (measured: 4 against 16 ms for 766k random reads of 1.14M entries).
+_INDEX = torch.int32
+
+
 def _lookup(size: int, index: Tensor) -> Tensor:
-    """``[size]`` int64: position of each value in ``index``, ``-1`` where absent."""
-    table = torch.full((size,), -1, dtype=torch.long, device=index.device)
-    table[index] = torch.arange(index.numel(), device=index.device)
+    """``[size]``: position of each value of ``index`` in it, ``-1`` where absent."""
+    table = torch.full((size,), -1, dtype=_INDEX, device=index.device)
+    table[index] = torch.arange(index.numel(), dtype=_INDEX, device=index.device)
     return table
-
-
-def _gather(table: Tensor, index: Tensor) -> Tensor:
-    # index_select: several times as fast as advanced indexing on these sizes (multi-threaded, no index checks twice)
-    return table.index_select(0, index)
 
 
 def _edges_into(rowptr: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """The graph's edge ids into each of ``targets``, concatenated in edge order, and the count per target."""
-    starts = _gather(rowptr, targets)
-    counts = _gather(rowptr, targets + 1) - starts
-    first = torch.cumsum(counts, 0) - counts  # where each target's edges start in the concatenation
+    starts = rowptr.index_select(0, targets)
+    counts = rowptr.index_select(0, targets + 1) - starts
+    first = torch.cumsum(counts, 0, dtype=counts.dtype) - counts  # where each target's edges start
     total = int(counts.sum())
     edges = torch.repeat_interleave(starts - first, counts, output_size=total)
-    return edges + torch.arange(total, device=rowptr.device), counts
+    return edges + torch.arange(total, dtype=edges.dtype, device=rowptr.device), counts
 
 
 def _ptr(counts: Tensor) -> Tensor:
@@ -124,39 +124,32 @@ def _ptr(counts: Tensor) -> Tensor:
     return ptr
 
 
-def _layer(graph, targets: Tensor) -> tuple[Tensor, CSRPattern, Tensor, Tensor]:
-    """The inputs ``targets ∪ N(targets)`` of one layer, the pattern from them to ``targets``, its edge ids and the
-    targets' positions among the inputs."""
-    n, num_edges = graph.num_nodes, graph.num_edges
-    source = graph.edge_index[0]
-    edges, counts = _edges_into(graph.rowptr, targets)
-    sources = _gather(source, edges)
+def _layer(graph, tables: tuple[Tensor, Tensor], targets: Tensor) -> tuple[Tensor, CSRPattern, Tensor, Tensor]:
+    """The inputs ``targets ∪ N(targets)`` of one layer (int64, sorted), the pattern from them to ``targets``, its
+    edge ids and the targets' positions among the inputs."""
+    n = graph.num_nodes
+    rowptr, source = tables
+    edges, counts = _edges_into(rowptr, targets)
+    sources = source.index_select(0, edges)
     needed = torch.zeros(n, dtype=torch.bool, device=targets.device)
     needed[targets] = True
     needed[sources] = True
     inputs = needed.nonzero().flatten()  # sorted
-    input_position = _lookup(n, inputs)
-    # The transpose: column j's entries are the edges out of j into a target, in the graph's order. The graph holds
-    # both directions of every pair, so they are the edges into j whose source is a target, reversed.
-    t_edges, t_counts = _edges_into(graph.rowptr, inputs)
-    target_position = _gather(_lookup(n, targets), _gather(source, t_edges))
-    keep = target_position >= 0
-    kept = keep.nonzero().flatten()
-    kept_before = _ptr(keep.long())  # kept entries before each position of the concatenation
-    t_ptr = _ptr(t_counts)
-    kept_per_input = kept_before[1:].index_select(0, t_ptr[1:] - 1) - kept_before.index_select(0, t_ptr[:-1])
-    entry = _lookup(num_edges, edges)  # graph edge -> entry of the restricted pattern
-    nnz = edges.numel()
+    col = _lookup(n, inputs).index_select(0, sources)
+    # The transpose's order: by column, and within a column by row as stored (a stable sort), as the graph's own.
+    t_perm = torch.argsort(col, stable=True)
+    rows = torch.repeat_interleave(torch.arange(targets.numel(), dtype=_INDEX, device=targets.device), counts,
+                                   output_size=edges.numel())
     pattern = CSRPattern(
-        rowptr=_compact(_ptr(counts), nnz),
-        col=_compact(_gather(input_position, sources), inputs.numel()),
-        t_rowptr=_compact(_ptr(kept_per_input), nnz),
-        t_col=_compact(_gather(target_position, kept), targets.numel()),
-        t_perm=_gather(entry, _gather(graph.reverse_edge, _gather(t_edges, kept))),
+        rowptr=_ptr(counts),
+        col=col,
+        t_rowptr=_ptr(torch.bincount(col, minlength=inputs.numel()).to(_INDEX)),
+        t_col=rows.index_select(0, t_perm),
+        t_perm=t_perm,
         num_rows=targets.numel(),
         num_cols=inputs.numel(),
     )
-    return inputs, pattern, edges, _gather(input_position, targets)
+    return inputs, pattern, edges.long(), _lookup(n, inputs).index_select(0, targets).long()
 
 
 def receptive_field(graph, seeds: Tensor, num_layers: int) -> ReceptiveField:
@@ -167,10 +160,13 @@ def receptive_field(graph, seeds: Tensor, num_layers: int) -> ReceptiveField:
     seeds = seeds.long()
     if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= graph.num_nodes):
         raise ValueError(f"seed nodes must lie in 0..{graph.num_nodes - 1}")
+    if graph.num_edges >= 2**31 or graph.num_nodes >= 2**31:
+        raise ValueError("receptive_field: graphs of 2**31 edges or nodes and more are not supported")
+    tables = (graph.rowptr.to(_INDEX), graph.edge_index[0].to(_INDEX))
     nodes = [torch.unique(seeds)]  # sorted
     patterns, edges, positions = [], [], []
     for _ in range(num_layers):
-        inputs, pattern, layer_edges, self_position = _layer(graph, nodes[0])
+        inputs, pattern, layer_edges, self_position = _layer(graph, tables, nodes[0])
         nodes.insert(0, inputs)
         patterns.insert(0, pattern)
         edges.insert(0, layer_edges)
