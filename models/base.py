@@ -36,8 +36,8 @@ class Recommender(torch.nn.Module, abc.ABC):
 
     Subclasses take the dataset's :class:`DatasetInfo` and typed keyword options, build their parameters, and
     implement :meth:`forward` (and :meth:`ego_parameters` when their layer-0 parameters are not ``self.user_embedding``
-    and ``self.item_embedding``). Scoring is a dot product and the loss is BPR plus the shared ego-L2 term
-    (SPEC §2.1) unless a model says otherwise.
+    and ``self.item_embedding``; optionally :meth:`batch_forward`, a training batch's part of the forward). Scoring
+    is a dot product and the loss is BPR plus the shared ego-L2 term (SPEC §2.1) unless a model says otherwise.
 
     Args:
         data: sizes and modality shapes of the dataset.

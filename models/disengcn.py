@@ -114,7 +114,7 @@ class DisenGCN(Recommender):
         x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph).index_select(0, field.nodes[0])
         for layer, conv in enumerate(self.convs, start=1):
             x = conv(x, graph.edge_index, field=field.layer(layer))
-        full = x.new_zeros(graph.num_nodes, x.size(1)).index_copy(0, field.nodes[-1], x)
+        full = x.new_zeros(graph.num_nodes, x.size(1)).index_copy_(0, field.nodes[-1], x)
         return Embeddings(*full.split([self.num_users, self.num_items]))
 
     def extra_repr(self) -> str:

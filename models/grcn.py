@@ -354,8 +354,8 @@ class GRCN(Recommender):
             prototypes, content = self.content_readout_nodes(graph, prototypes, content, scores, pattern)
             user = torch.cat([user, *prototypes.index_select(1, user_rows).unbind(0)], dim=1)
             item = torch.cat([item, *content.index_select(1, item_rows).unbind(0)], dim=1)
-        return Embeddings(user.new_zeros(self.num_users, user.size(1)).index_copy(0, user_rows, user),
-                          item.new_zeros(self.num_items, item.size(1)).index_copy(0, item_rows, item), weight)
+        return Embeddings(user.new_zeros(self.num_users, user.size(1)).index_copy_(0, user_rows, user),
+                          item.new_zeros(self.num_items, item.size(1)).index_copy_(0, item_rows, item), weight)
 
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
         """Eq. 13's regularised rows: ``E`` for the batch's users, positives and negatives, and each modality's

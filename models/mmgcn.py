@@ -184,7 +184,7 @@ class MMGCN(Recommender):
         # One concatenation, gathered per layer, as forward adds it: the ID gradients are summed in the same order.
         id_embedding = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         output = modality_mean([self._modality_field(graph, m, field, id_embedding) for m in self.modalities])
-        full = output.new_zeros(graph.num_nodes, output.size(1)).index_copy(0, field.nodes[-1], output)
+        full = output.new_zeros(graph.num_nodes, output.size(1)).index_copy_(0, field.nodes[-1], output)
         return Embeddings(*full.split([self.num_users, self.num_items]))
 
     def _field_applies(self, graph: InteractionGraph) -> bool:

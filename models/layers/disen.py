@@ -20,14 +20,14 @@ from .sparse import CSRPattern, sddmm, spmm, stack_pattern
 
 class _ChannelSoftmaxInPlace(torch.autograd.Function):
     """``torch.softmax(agreement, dim=0)`` for ``[K, n]`` agreements of some of a graph's ``E`` edges, computed at the
-    edges' positions in a ``[K, E]`` tensor: torch computes a few columns per thread on a scalar path whose ``exp``
-    can differ from the vectorised one in the last bit, so the values are those of the whole graph's softmax only
-    there. The backward (multiplications and sums only, the same on either path) runs on the ``n`` columns."""
+    edges' positions in ``whole``, a ``[K, E]`` scratch tensor (written there; its other columns are left as they
+    are and do not matter): torch computes a few columns per thread on a scalar path whose ``exp`` can differ from
+    the vectorised one in the last bit, so the values are those of the whole graph's softmax only there. The
+    backward (multiplications and sums only, the same on either path) runs on the ``n`` columns."""
 
     @staticmethod
-    def forward(ctx, agreement: Tensor, edges: Tensor, num_edges: int) -> Tensor:
-        whole = agreement.new_zeros(agreement.size(0), num_edges).index_copy_(1, edges, agreement)
-        p = torch.softmax(whole, dim=0).index_select(1, edges)
+    def forward(ctx, agreement: Tensor, edges: Tensor, whole: Tensor) -> Tensor:
+        p = torch.softmax(whole.index_copy_(1, edges, agreement), dim=0).index_select(1, edges)
         ctx.save_for_backward(p)
         return p
 
@@ -173,8 +173,9 @@ class NeighRoutingConv(MessagePassing):
         - The softmax runs at the entries' positions in the whole graph's ``[K, E]``: torch computes a few columns
           per thread on a scalar path whose ``exp`` can differ in the last bit (:class:`_ChannelSoftmaxInPlace`).
         - ``z_k`` (``[K, N, d]``) receives its gradients as in the whole layer, so that autograd adds them in the
-          same order: the targets' own channels are gathered anew for each use (in the whole layer each use reads
-          ``z_k`` itself), and the products read ``z_k`` through one view, whose node sums their gradients first.
+          same order: the targets' own channels are gathered once, and their node sums its uses' gradients in the
+          order in which the whole layer's ``z_k`` receives them; the products read ``z_k`` through one view whose
+          node sums theirs, as in the whole layer, and arrives last.
 
         (The headed products, which gather a neighbour's row once for all channels, measured slower here: their
         ``[nnz, K]`` weights need transposed copies of the channel-major softmax, and reading channel-major weights
@@ -186,19 +187,19 @@ class NeighRoutingConv(MessagePassing):
         z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes are block k of the product's operand
         z_flat = z_k.view(-1, d)
         own_rows = (torch.arange(k).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
-
-        def own() -> Tensor:  # the targets' own channels [K, R, d], through a view of z_k of their own
-            return _SelectRows.apply(z_k.view(-1, d), own_rows).view(k, -1, d)
-
-        c = own()
+        # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_flat: their uses'
+        # gradients add up here in the order in which they reach z_k in the whole layer, ahead of the products'.
+        own = _SelectRows.apply(z_k.view(-1, d), own_rows).view(k, -1, d)
+        c = own
         p = z.new_zeros(k, pattern.nnz)
+        whole = z.new_zeros(k, field.num_edges)  # the softmax's scratch, shared by the iterations
         for _ in range(self.iterations):
             agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, nnz]
             if self.tau != 1.0:
                 agreement = agreement / self.tau
-            p = _ChannelSoftmaxInPlace.apply(agreement, field.edges, field.num_edges)
+            p = _ChannelSoftmaxInPlace.apply(agreement, field.edges, whole)
             routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
-            c = l2_normalize(own() + routed)
+            c = l2_normalize(own + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)
         return out, p.t()
 
