@@ -3,8 +3,9 @@ references (DESIGN.md; issue 8).
 
 For every model × dataset it measures, with the code the grid runs:
 
-- seconds per training batch: the trainer's own batch step (full-graph forward, BPR + ego-L2 loss, backward, Adam
-  step; batch 1024 of real triplets, a shuffled epoch with sampled negatives), the median over ``--batches`` batches
+- seconds per training batch: the trainer's own batch step (the model's ``batch_forward``: the full-graph forward's
+  results, over the batch's receptive field where the model computes one; BPR + ego-L2 loss, backward, Adam step;
+  batch 1024 of real triplets, a shuffled epoch with sampled negatives), the median over ``--batches`` batches
   after ``--warmup`` untimed ones;
 - seconds per full-ranking evaluation of all users: the real evaluator (standard protocol, test split, its own
   forward included), with the time of each phase (forward, score, mask, rank, metrics);

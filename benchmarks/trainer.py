@@ -2,9 +2,10 @@
 
 Per epoch: every training pair once, shuffled, each with one negative drawn uniformly from the items the user has
 not trained on (redrawn every epoch, seeded generator); batches of 1024; every batch runs the model's full-graph
-forward, the shared loss (BPR + λ·ego-L2) and an Adam step. After every epoch the validation metrics decide early
-stopping on Recall@10 with patience 20; the best state is kept (in memory, and as a checkpoint when a path is given)
-and restored at the end. A non-finite loss stops the run with status ``diverged``.
+forward (``Recommender.batch_forward``: bit for bit its results, computed over the batch's receptive field by the
+models that can), the shared loss (BPR + λ·ego-L2) and an Adam step. After every epoch the validation metrics decide
+early stopping on Recall@10 with patience 20; the best state is kept (in memory, and as a checkpoint when a path is
+given) and restored at the end. A non-finite loss stops the run with status ``diverged``.
 """
 
 from __future__ import annotations

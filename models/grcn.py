@@ -339,7 +339,7 @@ class GRCN(Recommender):
         batch = field.nodes[-1]
         total = x.index_select(0, batch)
         # Layer l's rows are field.nodes[l]; the batch's rows among them, for Eq. 9's sum
-        positions = [torch.arange(batch.numel())]
+        positions = [torch.arange(batch.numel(), device=batch.device)]
         for layer in range(self.num_layers, 1, -1):
             positions.insert(0, field.self_positions[layer - 1].index_select(0, positions[0]))
         h = x.index_select(0, field.nodes[0])

@@ -18,7 +18,7 @@ from grcn_bench.models import get_model
 from grcn_bench.models.base import Embeddings, Recommender
 from grcn_bench.models.layers import dense, native
 from grcn_bench.models.layers.dense import RowSubset, linear, rows_apply
-from grcn_bench.models.layers.disen import _ChannelSoftmaxInPlace
+from grcn_bench.models.layers.disen import _ChannelSoftmaxAtGraphPositions
 from grcn_bench.models.layers.field import receptive_field
 from grcn_bench.models.layers.sparse import graph_pattern, spmm
 
@@ -205,7 +205,8 @@ def test_channel_softmax_at_whole_graph_positions():
     whole = torch.randn(4, 5003, generator=generator) * 3
     edges = torch.randperm(5003, generator=generator)[:1700].sort().values
     agreement = whole[:, edges].clone().requires_grad_()
-    p = _ChannelSoftmaxInPlace.apply(agreement, edges, torch.full((4, 5003), float("nan")))  # other columns: any
+    scratch = torch.full((4, 5003), float("nan"))  # its other columns may hold anything
+    p = _ChannelSoftmaxAtGraphPositions.apply(agreement, edges, scratch)
     reference_input = torch.zeros(4, 5003)
     reference_input[:, edges] = whole[:, edges]
     reference_input.requires_grad_()

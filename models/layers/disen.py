@@ -18,7 +18,7 @@ from .field import FieldLayer
 from .sparse import CSRPattern, sddmm, spmm, stack_pattern
 
 
-class _ChannelSoftmaxInPlace(torch.autograd.Function):
+class _ChannelSoftmaxAtGraphPositions(torch.autograd.Function):
     """``torch.softmax(agreement, dim=0)`` for ``[K, n]`` agreements of some of a graph's ``E`` edges, computed at the
     edges' positions in ``whole``, a ``[K, E]`` scratch tensor (written there; its other columns are left as they
     are and do not matter): torch computes a few columns per thread on a scalar path whose ``exp`` can differ from
@@ -171,7 +171,8 @@ class NeighRoutingConv(MessagePassing):
         output is the whole layer's at the output rows, gradients included, bit for bit.
 
         - The softmax runs at the entries' positions in the whole graph's ``[K, E]``: torch computes a few columns
-          per thread on a scalar path whose ``exp`` can differ in the last bit (:class:`_ChannelSoftmaxInPlace`).
+          per thread on a scalar path whose ``exp`` can differ in the last bit
+          (:class:`_ChannelSoftmaxAtGraphPositions`).
         - ``z_k`` (``[K, N, d]``) receives its gradients as in the whole layer, so that autograd adds them in the
           same order: the targets' own channels are gathered once, and their node sums its uses' gradients in the
           order in which the whole layer's ``z_k`` receives them; the products read ``z_k`` through one view whose
@@ -186,7 +187,7 @@ class NeighRoutingConv(MessagePassing):
         block = stack_pattern(pattern, k)
         z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes are block k of the product's operand
         z_flat = z_k.view(-1, d)
-        own_rows = (torch.arange(k).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
+        own_rows = (torch.arange(k, device=z.device).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
         # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_flat: their uses'
         # gradients add up here in the order in which they reach z_k in the whole layer, ahead of the products'.
         own = _SelectRows.apply(z_k.view(-1, d), own_rows).view(k, -1, d)
@@ -197,7 +198,7 @@ class NeighRoutingConv(MessagePassing):
             agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, nnz]
             if self.tau != 1.0:
                 agreement = agreement / self.tau
-            p = _ChannelSoftmaxInPlace.apply(agreement, field.edges, whole)
+            p = _ChannelSoftmaxAtGraphPositions.apply(agreement, field.edges, whole)
             routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
             c = l2_normalize(own + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)

@@ -16,9 +16,12 @@ Bit for bit, not only in exact arithmetic, as long as every operation computes e
 sums in an order that does not depend on the other rows: the sparse products over :attr:`ReceptiveField.patterns`
 keep every row's entries in the graph's order (a zero gradient term adds an exact zero to a chain), and the dense
 products keep their sums through :func:`~.dense.linear` with ``rows`` (the weight gradient summed in the full
-product's blocks). Elementwise functions that are not correctly rounded (``exp``: torch's vectorised and scalar
-paths differ in the last bit, and which elements take which depends on their positions) do not qualify; a model that
-uses this module says which of its operations it relies on, and its tests compare with the full forward.
+product's blocks). An operation whose result for an element depends on where the element sits does not qualify as
+is: torch's softmax over a non-last dimension computes the last columns of each thread's share on a scalar path
+whose ``exp`` can differ from the vectorised one in the last bit, so DisenGCN runs its channel softmax at the edges'
+positions in a whole-graph tensor (torch's elementwise ``exp`` showed no such dependence). Autograd adds a tensor's
+gradient contributions in the order they arrive, so a model keeps the whole forward's structure of uses. A model
+that uses this module says which of its operations it relies on, and its tests compare with the full forward.
 """
 
 from __future__ import annotations
