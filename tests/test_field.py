@@ -270,6 +270,27 @@ def test_batch_forward_is_the_full_forward_to_the_bit(name, options, spec, monke
     assert len(built) == 3
 
 
+@needs_chained_mkl
+@pytest.mark.parametrize("name", ["mmgcn", "disengcn", "grcn"])
+@pytest.mark.parametrize("num_layers", [0, 1, 3])
+def test_batch_forward_for_other_depths(name, num_layers):
+    """No layer (the field is the batch itself), one, and three (a field of three hops): one step's loss and
+    gradients."""
+    dataset = load_dataset("synthetic:tiktok")
+    graph = dataset.graph()
+    seed_everything(0)
+    full = get_model(name)(dataset.info(), num_layers=num_layers)
+    restricted = copy.deepcopy(full)
+    users, pos, neg = _batch(dataset, 64, 7)
+    full_loss = full.loss(full(graph), users, pos, neg, 1e-3)
+    field_loss = restricted.loss(restricted.batch_forward(graph, users, pos, neg), users, pos, neg, 1e-3)
+    full_loss.backward()
+    field_loss.backward()
+    assert torch.equal(full_loss, field_loss)
+    for (parameter_name, a), b in zip(full.named_parameters(), restricted.parameters(), strict=True):
+        assert a.grad is None and b.grad is None or torch.equal(a.grad, b.grad), parameter_name
+
+
 @pytest.mark.parametrize("name", ["mmgcn", "disengcn", "grcn"])
 def test_batch_forward_is_the_full_forward_where_the_products_do_not_run(name):
     dataset = load_dataset("synthetic:tiny")
