@@ -330,7 +330,8 @@ class GRCN(Recommender):
         field only (:mod:`.layers.field`). The refining layer runs whole: its prototypes are needed for nearly
         every user whose edges the field reads. Where the compiled sparse products do not run, the full
         :meth:`forward`."""
-        if native_kernels() is None or self.id_embedding.device.type != "cpu":
+        if (native_kernels() is None or self.id_embedding.device.type != "cpu"
+                or self.id_embedding.dtype != torch.float32):  # the compiled products' sums, or none
             return self(graph)
         content, prototypes, scores, weight = self.refined_graph(graph)
         seeds = torch.cat([users, pos + self.num_users, neg + self.num_users])

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch_geometric.utils import k_hop_subgraph
 
 from grcn_bench.benchmarks.config import TrainSettings
 from grcn_bench.benchmarks.trainer import fit, seed_everything
@@ -35,12 +36,10 @@ def _graph(num_users: int, num_items: int, pairs: list[tuple[int, int]]) -> Inte
 
 
 def _expand(graph: InteractionGraph, nodes: torch.Tensor) -> torch.Tensor:
-    """``nodes`` and their neighbours, sorted: by a mask over the edge list (independent of field.py's CSR walk)."""
-    source, target = graph.edge_index
-    keep = torch.zeros(graph.num_nodes, dtype=torch.bool)
-    keep[nodes] = True
-    keep[source[keep[target]]] = True
-    return keep.nonzero().flatten()
+    """``nodes`` and the sources of their incoming edges, sorted: PyG's ``k_hop_subgraph`` (one hop), independent
+    of field.py's CSR walk."""
+    subset, *_ = k_hop_subgraph(nodes, 1, graph.edge_index, num_nodes=graph.num_nodes, flow="source_to_target")
+    return subset
 
 
 # ---------------------------------------------------------------------------------------------- receptive_field

@@ -37,23 +37,6 @@ class _ChannelSoftmaxAtGraphPositions(torch.autograd.Function):
         return torch._softmax_backward_data(grad.contiguous(), p, 0, p.dtype), None, None
 
 
-class _SelectRows(torch.autograd.Function):
-    """``x.index_select(0, rows)`` for distinct ``rows``, whose gradient is written into a zero tensor by a row
-    scatter (``index_add_`` along dimension 0, the same sums as ``index_select``'s own backward along any
-    dimension: each row gets ``0 + g``), several times as fast as a gather along a middle dimension."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(rows)
-        ctx.num_rows = x.size(0)
-        return x.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (rows,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.num_rows, *grad.shape[1:]).index_add_(0, rows, grad), None
-
-
 class NeighRoutingConv(MessagePassing):
     r"""DisenConv: each node's representation is split into :math:`K` channels, and neighbourhood routing decides
     which channel each neighbour's message belongs to (Algorithm 1), over the full neighbourhood (no sampling).
@@ -190,7 +173,8 @@ class NeighRoutingConv(MessagePassing):
         own_rows = (torch.arange(k, device=z.device).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
         # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_flat: their uses'
         # gradients add up here in the order in which they reach z_k in the whole layer, ahead of the products'.
-        own = _SelectRows.apply(z_k.view(-1, d), own_rows).view(k, -1, d)
+        # (Rows of the flat view: its backward scatters rows, several times as fast as one along the middle dimension.)
+        own = z_k.view(-1, d).index_select(0, own_rows).view(k, -1, d)
         c = own
         p = z.new_zeros(k, pattern.nnz)
         whole = z.new_zeros(k, field.num_edges)  # the softmax's scratch, shared by the iterations
