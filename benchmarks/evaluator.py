@@ -4,12 +4,15 @@ One forward pass in eval mode gives the embeddings; users are then ranked in bat
 budget. Each batch goes through four small steps, each its own function so that one can be replaced without touching
 the others (a faster scoring path, for instance):
 
-1. :func:`score_batch` — the model's ``score`` for the batch, ``[B, I]`` (for the default dot-product score on CPU,
-   :class:`BufferedDotScores` instead: numpy's BLAS into one reused buffer, the same scores about twice as fast as
-   ``torch.mm`` on the ranking shapes, ENVIRONMENT.md);
-2. :func:`mask_scores_` — the items the protocol masks get a fixed score, in place, with one flat ``index_put_``;
+1. :func:`score_batch` — the model's ``score`` for the batch, ``[B, I]``. For the default dot-product score on CPU,
+   :func:`dot_scorer` gives a faster path: :class:`CompiledDotScores` (the compiled kernel: ``torch.mm``'s bits, a
+   user's scores independent of its batch, and each group's maximum for step 3 on the side), else
+   :class:`BufferedDotScores` (numpy's BLAS into one reused buffer);
+2. :func:`mask_scores_` — the items the protocol masks get a fixed score, in place, with one flat ``index_put_``
+   (and :func:`refresh_group_maxima_` recomputes the maxima of the groups it touched);
 3. :func:`grouped_top_k` — the ``K_max`` best items per user (:func:`~grcn_bench.benchmarks.metrics.top_k`'s result
-   from one streaming pass over the scores; about 2x faster than ``torch.topk`` over a full catalogue);
+   from the maxima of groups of 32 items, then ``torch.topk`` over the best groups; about 2x faster than
+   ``torch.topk`` over a full catalogue);
 4. :func:`~grcn_bench.benchmarks.metrics.hits_from_csr` and :func:`~grcn_bench.benchmarks.metrics.rank_metrics`.
 
 Protocols:
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from grcn_bench.datasets.base import InteractionGraph, RecDataset
 from grcn_bench.models.base import Embeddings, Recommender
+from grcn_bench.models.layers import native
 
 from .metrics import hits_from_csr, normalize_ks, pad_hits, rank_metrics, top_k
 
@@ -182,7 +186,8 @@ def score_batch(model: Recommender, emb: Embeddings, users: Tensor, protected: f
     return scores
 
 
-def grouped_top_k(scores: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Tensor, Tensor]:
+def grouped_top_k(scores: Tensor, k: int, group: int = TOPK_GROUP,
+                  maxima: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(values, items)``, each ``[B, min(k, I)]``: the ``k`` best items of every row, best first, as
     :func:`~grcn_bench.benchmarks.metrics.top_k` gives them.
 
@@ -192,6 +197,9 @@ def grouped_top_k(scores: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Tens
     ``k * group`` candidates instead of the whole catalogue. NaN ranks first, as with ``torch.topk`` (a group's max is
     NaN when it holds one). Among exactly equal scores the choice is implementation-defined, as it is for
     ``torch.topk``; it depends on the row alone. Small catalogues go straight to ``torch.topk``.
+
+    ``maxima`` (``[B, I // group]``, each group's ``amax`` of ``scores`` as they are now) skips the streaming max:
+    :class:`CompiledDotScores` computes it with the scores.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be a [B, I] matrix, got shape {tuple(scores.shape)}")
@@ -199,10 +207,13 @@ def grouped_top_k(scores: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Tens
         raise ValueError(f"k and group must be positive, got k={k}, group={group}")
     rows, num_items = scores.shape
     num_groups = num_items // group
+    if maxima is not None and tuple(maxima.shape) != (rows, num_groups):
+        raise ValueError(f"maxima must be [{rows}, {num_groups}] (one per group of {group}), got {tuple(maxima.shape)}")
     if num_groups < 4 * k or scores.stride(1) != 1:
         return top_k(scores, k)
     whole = num_groups * group
-    maxima = scores[:, :whole].view(rows, num_groups, group).amax(dim=2)  # [B, G]
+    if maxima is None:
+        maxima = scores[:, :whole].view(rows, num_groups, group).amax(dim=2)  # [B, G]
     best_groups = torch.topk(maxima, k, dim=1, sorted=False).indices  # [B, k]
     offsets = torch.arange(group, device=scores.device)
     candidates = ((best_groups * group).unsqueeze(2) + offsets).flatten(1)  # [B, k * group] columns
@@ -213,14 +224,71 @@ def grouped_top_k(scores: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Tens
     return values, torch.gather(candidates, 1, position)
 
 
+def _default_dot_score_on_cpu(model: Recommender, emb: Embeddings, dtypes: tuple[torch.dtype, ...]) -> bool:
+    user, item = emb.user, emb.item
+    return (
+        type(model).score is Recommender.score
+        and user.device.type == "cpu"
+        and item.device.type == "cpu"
+        and user.dtype == item.dtype
+        and user.dtype in dtypes
+    )
+
+
+class CompiledDotScores:
+    """The default :meth:`Recommender.score` (``user @ item.T``) for batches of users, computed by the compiled kernel
+    (:func:`~grcn_bench.models.layers.native.run_dot_scores`) into one reused buffer, with the maximum of every group
+    of :data:`TOPK_GROUP` items, which :func:`grouped_top_k` would otherwise compute in a second pass over the scores.
+
+    The scores are ``torch.mm``'s, bit for bit (checked on this machine before first use:
+    :func:`~grcn_bench.models.layers.native.dot_scores_status`), and each is summed on its own, so a user's scores
+    do not depend on which users share its batch, nor on the memory budget. Each call overwrites the previous call's
+    scores and maxima: use them (mask, rank) before the next call.
+
+    Args:
+        emb: float32 embeddings on the CPU.
+        max_batch: the most users a call will score (the buffer's rows).
+    """
+
+    def __init__(self, emb: Embeddings, max_batch: int):
+        self.user = emb.user.detach()
+        self.num_items = emb.item.size(0)
+        self.packed = native.pack_score_items(emb.item.detach())
+        self.buffer = self.user.new_empty(max(1, max_batch), self.packed.size(0) * native.SCORE_PANEL)
+        self.maxima = self.user.new_empty(max(1, max_batch), self.num_items // TOPK_GROUP)
+
+    @staticmethod
+    def applies(model: Recommender, emb: Embeddings) -> bool:
+        """Whether the model scores with the default dot product and the compiled kernel computes ``torch.mm``'s
+        scores here for these embeddings."""
+        return (
+            _default_dot_score_on_cpu(model, emb, (torch.float32,))
+            and TOPK_GROUP == native.SCORE_GROUP
+            and native.score_chain(emb.user.size(1)) is not None
+            and native.dot_scores_status() == "native"
+        )
+
+    def __call__(self, users: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scores [B, I], maxima [B, I // TOPK_GROUP])`` of ``users`` (views of the reused buffers)."""
+        if users.numel() > self.buffer.size(0):
+            raise ValueError(f"{users.numel()} users exceed the buffer's {self.buffer.size(0)} rows")
+        rows = users.numel()
+        out, maxima = self.buffer[:rows], self.maxima[:rows]
+        if not native.run_dot_scores(self.user[users], self.packed, out, maxima):
+            raise RuntimeError("the compiled dot scores refused operands CompiledDotScores.applies accepted")
+        return out[:, : self.num_items], maxima
+
+
 class BufferedDotScores:
     """The default :meth:`Recommender.score` (``user @ item.T``) for batches of users, computed by numpy's BLAS into
-    one reused ``[B, I]`` buffer and returned as a tensor view of it.
+    one reused ``[B, I]`` buffer and returned as a tensor view of it: the CPU path where :class:`CompiledDotScores`
+    cannot run (no compiled kernels, float64, a machine whose ``torch.mm`` sums otherwise).
 
     On the CPUs this suite is measured on, OpenBLAS through ``np.matmul(..., out=buffer)`` reaches 70-85 % of the
     machine's dense matmul rate on these shapes, ``torch.mm`` 30-50 % (ENVIRONMENT.md), and reusing the buffer avoids
-    a page-faulting allocation of the size of the budget for every batch. Each call overwrites the previous call's
-    scores: use them (mask, rank) before the next call.
+    a page-faulting allocation of the size of the budget for every batch. Its scores can differ from ``torch.mm``'s
+    in the last bit, and OpenBLAS gives some of a user's scores other last bits in batches of other sizes. Each call
+    overwrites the previous call's scores: use them (mask, rank) before the next call.
 
     Args:
         emb: embeddings on the CPU, ``user`` and ``item`` of the same float dtype.
@@ -235,30 +303,52 @@ class BufferedDotScores:
     @staticmethod
     def applies(model: Recommender, emb: Embeddings) -> bool:
         """Whether the model scores with the default dot product and the embeddings allow the numpy path."""
-        user, item = emb.user, emb.item
-        return (
-            type(model).score is Recommender.score
-            and user.device.type == "cpu"
-            and item.device.type == "cpu"
-            and user.dtype == item.dtype
-            and user.dtype in (torch.float32, torch.float64)
-        )
+        return _default_dot_score_on_cpu(model, emb, (torch.float32, torch.float64))
 
-    def __call__(self, users: Tensor) -> Tensor:
+    def __call__(self, users: Tensor) -> tuple[Tensor, None]:
+        """``(scores [B, I], None)`` of ``users`` (a view of the reused buffer); no group maxima."""
         if users.numel() > self.buffer.shape[0]:
             raise ValueError(f"{users.numel()} users exceed the buffer's {self.buffer.shape[0]} rows")
         out = self.buffer[: users.numel()]
         np.matmul(self.user[users.numpy()], self.item_t, out=out)
-        return torch.from_numpy(out)
+        return torch.from_numpy(out), None
 
 
-def mask_scores_(scores: Tensor, indptr: Tensor, items: Tensor, value: float) -> Tensor:
-    """Set ``scores[b, items of row b]`` to ``value`` for every row of the batch-local CSR, in place."""
+def dot_scorer(model: Recommender, emb: Embeddings, max_batch: int) -> CompiledDotScores | BufferedDotScores | None:
+    """The fastest path that computes ``model``'s scores here, or ``None`` for :func:`score_batch`."""
+    if CompiledDotScores.applies(model, emb):
+        return CompiledDotScores(emb, max_batch)
+    if BufferedDotScores.applies(model, emb):
+        return BufferedDotScores(emb, max_batch)
+    return None
+
+
+def mask_scores_(scores: Tensor, indptr: Tensor, items: Tensor, value: float) -> tuple[Tensor, Tensor]:
+    """Set ``scores[b, items of row b]`` to ``value`` for every row of the batch-local CSR, in place; returns the
+    ``(rows, items)`` it set."""
     counts = indptr[1:] - indptr[:-1]
     batch_rows = torch.arange(scores.size(0), device=scores.device)
     rows = torch.repeat_interleave(batch_rows, counts, output_size=items.numel())
     scores.index_put_((rows, items), torch.tensor(value, dtype=scores.dtype, device=scores.device))
-    return scores
+    return rows, items
+
+
+def refresh_group_maxima_(maxima: Tensor, scores: Tensor, rows: Tensor, items: Tensor,
+                          group: int = TOPK_GROUP) -> Tensor:
+    """Recompute, in place, the maxima ``[B, G]`` of the groups of ``group`` columns of ``scores`` that hold a changed
+    position ``(rows[e], items[e])`` (columns past the last whole group have none): after masking, a group's maximum
+    may have been a masked score."""
+    num_groups = maxima.size(1)
+    groups = torch.div(items, group, rounding_mode="floor")
+    whole = groups < num_groups
+    touched = torch.unique(rows[whole] * num_groups + groups[whole])
+    if touched.numel() == 0:
+        return maxima
+    touched_rows = torch.div(touched, num_groups, rounding_mode="floor")
+    touched_groups = touched - touched_rows * num_groups
+    columns = (touched_groups * group).unsqueeze(1) + torch.arange(group, device=scores.device)
+    maxima[touched_rows, touched_groups] = scores[touched_rows.unsqueeze(1), columns].amax(dim=1)
+    return maxima
 
 
 def pad_items(top: Tensor, kmax: int) -> Tensor:
@@ -313,7 +403,8 @@ def evaluate(
         protocol: ``"standard"`` or ``"official-grcn"`` (audit only).
         device: where the forward and ranking run (default: the model's device; with ``embeddings``, theirs).
         keep_top_items: also return every evaluated user's top-``K_max`` list.
-        timings: when given, seconds spent per phase are added to it under ``"forward"``, ``"score"``, ``"mask"``,
+        timings: when given, seconds spent per phase are added to it under ``"forward"``, ``"score"`` (with
+            :class:`CompiledDotScores`, the groups' maxima too), ``"mask"`` (and the touched groups' maxima),
             ``"rank"`` (top-K) and ``"metrics"`` (on CUDA each phase ends with a synchronisation, which costs a little).
     """
     if split not in EVAL_SPLITS:
@@ -341,9 +432,7 @@ def evaluate(
     held = csr_to_torch(held_indptr, held_items, device)
     masked = csr_to_torch(*dataset.user_items(*rules.masked_splits(split)), device)
     protected = _storage_addresses(model, embeddings)
-    fast = None
-    if BufferedDotScores.applies(model, embeddings):
-        fast = BufferedDotScores(embeddings, min(batch_size, users.size))
+    scorer = dot_scorer(model, embeddings, min(batch_size, users.size))
 
     per_user: dict[str, list[Tensor]] = {}
     top_lists: list[Tensor] = []
@@ -351,11 +440,16 @@ def evaluate(
         for start in range(0, users.size, batch_size):
             batch = torch.as_tensor(users[start : start + batch_size], dtype=torch.long, device=device)
             with _phase(timings, "score", device):
-                scores = fast(batch) if fast is not None else score_batch(model, embeddings, batch, protected)
+                if scorer is not None:
+                    scores, maxima = scorer(batch)
+                else:
+                    scores, maxima = score_batch(model, embeddings, batch, protected), None
             with _phase(timings, "mask", device):
-                mask_scores_(scores, *csr_select(*masked, batch), rules.mask_value)
+                masked_rows, masked_items = mask_scores_(scores, *csr_select(*masked, batch), rules.mask_value)
+                if maxima is not None:
+                    refresh_group_maxima_(maxima, scores, masked_rows, masked_items)
             with _phase(timings, "rank", device):
-                values, top = grouped_top_k(scores, kmax)
+                values, top = grouped_top_k(scores, kmax, maxima=maxima)
             # torch.topk ranks NaN above every number, so a NaN anywhere in a row surfaces in its first column.
             if bool(torch.isnan(values[:, 0]).any()):
                 bad = int(batch[torch.isnan(values[:, 0])][0])

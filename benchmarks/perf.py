@@ -9,13 +9,14 @@ For every model × dataset it measures, with the code the grid runs:
   after ``--warmup`` untimed ones;
 - seconds per full-ranking evaluation of all users: the real evaluator (standard protocol, test split, its own
   forward included), with the time of each phase (forward, score, mask, rank, metrics);
-- the scoring step's rate in GFLOP/s (``2 · users · items · d`` over the score phase's seconds) and its fraction of
-  the dense matmul rate measured just before, in the same process (numpy's BLAS on CPU, torch on CUDA);
+- the scoring step's rate in GFLOP/s (``2 · users · items · d`` over the score phase's seconds, which with the
+  compiled scores includes their groups' maxima) and its fraction of the dense matmul rate measured just before, in
+  the same process (numpy's BLAS on CPU, torch on CUDA);
 - peak resident memory of the process (and peak GPU memory on CUDA).
 
-``--kernels native torch`` measures every cell twice, with the compiled kernels (sparse and dense products,
-:mod:`grcn_bench.models.layers.native`) and with torch's, one after the other: a side-by-side comparison within one
-run.
+``--kernels native torch`` measures every cell twice, with the compiled kernels (sparse and dense products, ranking
+scores: :mod:`grcn_bench.models.layers.native`) and with torch's (scores from numpy's BLAS), one after the other: a
+side-by-side comparison within one run.
 
 Each cell runs in a fresh process (``spawn``), so peaks do not accumulate from one model to the next; the parent
 builds each dataset once and hands it over. The machine's references (dense matmul GFLOP/s with torch and with numpy,
@@ -69,8 +70,8 @@ class PerfSettings:
         subprocess: run each cell in a fresh spawned process (per-cell peak memory); ``False`` runs them here.
         reference_size: side of the square matmuls that measure the machine's dense rate (2048).
         reference_megabytes: size of the buffer whose copy measures memory bandwidth (256).
-        kernels: the kernels (sparse and dense products) to measure each cell with, ``native`` and/or ``torch``
-            (:mod:`grcn_bench.models.layers.native`): both measure them side by side, cell after cell.
+        kernels: the kernels (sparse and dense products, ranking scores) to measure each cell with, ``native`` and/or
+            ``torch`` (:mod:`grcn_bench.models.layers.native`): both measure them side by side, cell after cell.
     """
 
     models: tuple[str, ...] = ()
@@ -436,9 +437,9 @@ def add_perf_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--reference-mb", type=int, default=256,
                         help="megabytes copied to measure memory bandwidth (default 256)")
     parser.add_argument("--kernels", nargs="+", choices=KERNEL_CHOICES, default=["native"],
-                        help="kernels (sparse and dense products) to measure with: native (compiled, falls back "
-                             "to torch's where they cannot run) and/or torch; both: side by side, cell after cell "
-                             "(default native)")
+                        help="kernels (sparse and dense products, ranking scores) to measure with: native (compiled, "
+                             "falls back to torch's where they cannot run) and/or torch (scores from numpy's BLAS); "
+                             "both: side by side, cell after cell (default native)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every cell in this process (faster to start; peak memory then accumulates)")
     return parser

@@ -380,8 +380,10 @@ def test_buffered_dot_scores_equal_the_models_scores():
     assert BufferedDotScores.applies(model, emb)
     scorer = BufferedDotScores(emb, max_batch=8)
     users = torch.tensor([5, 0, 59, 5])
-    torch.testing.assert_close(scorer(users), model.score(emb, users))
-    first = scorer(torch.tensor([1, 2]))
+    scores, maxima = scorer(users)
+    torch.testing.assert_close(scores, model.score(emb, users))
+    assert maxima is None
+    first, _ = scorer(torch.tensor([1, 2]))
     assert first.shape == (2, dataset.num_items)
     with pytest.raises(ValueError, match="exceed the buffer"):
         scorer(torch.arange(9))

@@ -12,6 +12,8 @@
  * segment sum / max: out[s, :] reduces src[offsets[s] .. offsets[s + 1]) row by row in order, from 0 or -inf, as
  * torch.segment_reduce does (a NaN wins the max from there on until the next NaN), vectorised over the columns.
  * segment apply: out[k, :] = src[k, :] - values[s, :] (or /) for the rows k of segment s.
+ * dot scores: out[r, j] = users[r, :] . items[j, :] for full-ranking evaluation, with the maximum of every group of
+ *        32 consecutive items (dot_scores, below).
  *
  * The products are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product
  * and torch's sampled product wait for each row in turn; these ask for the row PREFETCH entries ahead, which is
@@ -26,6 +28,7 @@
  * stores them so; segment offsets int64), values and features float32, all contiguous.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -400,4 +403,110 @@ void grcn_bench_segment_apply_f32(const int64_t *offsets, const float *src, cons
   range_job whole = {.a = src, .b = values, .out = out, .width = width, .nnz = offsets[segments], .heads = 1,
                      .offsets = offsets, .divide = divide};
   run_ranges(segment_apply_range, whole, segments, threads);
+}
+
+/* dot scores: out[r, j] = users[r, :] . items[j, :] for every item j, summed as torch.mm sums user @ item.T on the
+ * machines this project is measured on (native.py checks that before it uses this): the depth in chains of `chain`
+ * (the whole depth up to 192, two halves up to 383, blocks of 192 from there), each a fused multiply-add chain from
+ * 0, the chains added in order. Each score is summed on its own, so a user's scores do not depend on the other users
+ * of its batch (numpy's BLAS gave some the same user's scores different last bits in batches of different sizes).
+ *
+ * items are packed once per evaluation as [panels, depth, 16] (pack_score_items in native.py: item j is column j % 16
+ * of panel j / 16; panels is even, the padding items zero), so a 6 x 16 tile reads its items along k like gemm_tile.
+ * Threads take SCORE_CHUNK panels at a time (256 KB of items at depth 64) and score every user against them; the
+ * scores go to out [rows, ldo] (ldo >= panels * 16: the padding items' scores land in the columns past the
+ * catalogue) with streaming stores when out is 32-byte aligned, since the scores are not read back in full (only the
+ * ranking's candidates and the masked items are). group_max[r, g] is the maximum of out[r, 32g .. 32g + 32) for
+ * g < groups (NaN when one of them is NaN, as torch.amax), the first pass of the evaluator's grouped top-k, computed
+ * here while the scores are still in registers: that pass read the whole score block back from memory. */
+#define SCORE_CHUNK 64
+
+typedef struct {
+  const float *users, *items;
+  float *out, *group_max;
+  int64_t ldu, ldo, rows, depth, chain, panels, groups;
+  int stream;
+  int64_t *next;
+} score_job;
+
+/* The 6 x 16 tile of rows <= 6 users (ldu apart; rows past `rows` read row 0) and one packed panel: the chains over
+ * the depth added in order into acc, then stored; rowmax[r] and rownan[r] are lane-wise max and unordered of the
+ * row's two halves, for the group maxima. */
+__attribute__((target("avx2,fma"))) static inline void score_tile(const score_job *job, const float *user,
+                                                                  const float *panel, float *out, int rows,
+                                                                  __m256 rowmax[TILE_ROWS], __m256 rownan[TILE_ROWS]) {
+  const int64_t ldu = job->ldu, depth = job->depth, ldo = job->ldo;
+  __m256 acc[2 * TILE_ROWS];
+  for (int64_t start = 0; start < depth; start += job->chain) {
+    const int64_t stop = start + job->chain < depth ? start + job->chain : depth;
+    const float *a0 = user, *a1 = user + (rows > 1) * ldu, *a2 = user + (rows > 2) * 2 * ldu,
+                *a3 = user + (rows > 3) * 3 * ldu, *a4 = user + (rows > 4) * 4 * ldu, *a5 = user + (rows > 5) * 5 * ldu;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t k = start; k < stop; ++k) {
+      const __m256 b0 = _mm256_load_ps(panel + 16 * k), b1 = _mm256_load_ps(panel + 16 * k + 8);
+      __m256 s = _mm256_broadcast_ss(a0 + k);
+      c00 = _mm256_fmadd_ps(s, b0, c00), c01 = _mm256_fmadd_ps(s, b1, c01);
+      s = _mm256_broadcast_ss(a1 + k), c10 = _mm256_fmadd_ps(s, b0, c10), c11 = _mm256_fmadd_ps(s, b1, c11);
+      s = _mm256_broadcast_ss(a2 + k), c20 = _mm256_fmadd_ps(s, b0, c20), c21 = _mm256_fmadd_ps(s, b1, c21);
+      s = _mm256_broadcast_ss(a3 + k), c30 = _mm256_fmadd_ps(s, b0, c30), c31 = _mm256_fmadd_ps(s, b1, c31);
+      s = _mm256_broadcast_ss(a4 + k), c40 = _mm256_fmadd_ps(s, b0, c40), c41 = _mm256_fmadd_ps(s, b1, c41);
+      s = _mm256_broadcast_ss(a5 + k), c50 = _mm256_fmadd_ps(s, b0, c50), c51 = _mm256_fmadd_ps(s, b1, c51);
+    }
+    const __m256 chain[2 * TILE_ROWS] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+    for (int v = 0; v < 2 * TILE_ROWS; ++v) acc[v] = start ? _mm256_add_ps(acc[v], chain[v]) : chain[v];
+  }
+  for (int r = 0; r < rows; ++r) {
+    if (job->stream) {
+      _mm256_stream_ps(out + r * ldo, acc[2 * r]);
+      _mm256_stream_ps(out + r * ldo + 8, acc[2 * r + 1]);
+    } else {
+      _mm256_storeu_ps(out + r * ldo, acc[2 * r]);
+      _mm256_storeu_ps(out + r * ldo + 8, acc[2 * r + 1]);
+    }
+    rowmax[r] = _mm256_max_ps(acc[2 * r], acc[2 * r + 1]);
+    rownan[r] = _mm256_cmp_ps(acc[2 * r], acc[2 * r + 1], _CMP_UNORD_Q);
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void *score_range(void *arg) {
+  const score_job *job = arg;
+  __m256 max0[TILE_ROWS], nan0[TILE_ROWS], max1[TILE_ROWS], nan1[TILE_ROWS];
+  for (int64_t start = __atomic_fetch_add(job->next, SCORE_CHUNK, __ATOMIC_RELAXED); start < job->panels;
+       start = __atomic_fetch_add(job->next, SCORE_CHUNK, __ATOMIC_RELAXED)) {
+    const int64_t stop = start + SCORE_CHUNK < job->panels ? start + SCORE_CHUNK : job->panels;
+    for (int64_t row = 0; row < job->rows; row += TILE_ROWS) {
+      const int rows = job->rows - row < TILE_ROWS ? (int)(job->rows - row) : TILE_ROWS;
+      const float *user = job->users + row * job->ldu;
+      float *out = job->out + row * job->ldo;
+      for (int64_t panel = start; panel < stop; panel += 2) { /* panels and SCORE_CHUNK are even: a group each */
+        score_tile(job, user, job->items + panel * 16 * job->depth, out + panel * 16, rows, max0, nan0);
+        score_tile(job, user, job->items + (panel + 1) * 16 * job->depth, out + (panel + 1) * 16, rows, max1, nan1);
+        const int64_t group = panel / 2;
+        if (group >= job->groups) continue;
+        for (int r = 0; r < rows; ++r) {
+          const __m256 lanes = _mm256_max_ps(max0[r], max1[r]);
+          const __m256 nan = _mm256_or_ps(_mm256_or_ps(nan0[r], nan1[r]), _mm256_cmp_ps(max0[r], max1[r], _CMP_UNORD_Q));
+          __m128 half = _mm_max_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
+          half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+          half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 1));
+          job->group_max[(row + r) * job->groups + group] = _mm256_movemask_ps(nan) ? NAN : _mm_cvtss_f32(half);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+/* out [rows, ldo] and group_max [rows, groups] for users [rows, depth] (rows ldu apart) and the items packed as
+ * [panels, depth, 16] (panels even, 32-byte aligned); chain: the length of each summed chain (see above). */
+void grcn_bench_dot_scores_f32(const float *users, int64_t ldu, const float *items, float *out, int64_t ldo,
+                               float *group_max, int64_t rows, int64_t depth, int64_t chain, int64_t panels,
+                               int64_t groups, int threads) {
+  int64_t next = 0;
+  score_job job = {.users = users, .items = items, .out = out, .group_max = group_max, .ldu = ldu, .ldo = ldo,
+                   .rows = rows, .depth = depth, .chain = chain, .panels = panels, .groups = groups,
+                   .stream = ((uintptr_t)out % 32 == 0 && ldo % 8 == 0), .next = &next};
+  run_threads(score_range, &job, threads);
+  if (job.stream) _mm_sfence(); /* the streamed scores are visible to whoever reads them next */
 }

@@ -24,7 +24,11 @@ independent order-exact reference):
   which is how MKL sums products up to 192 deep on this project's machines; and their weight gradients
   (:func:`run_gemm_tn`): one chain per block of 192 rows, the blocks added in order, as MKL sums them. Register
   tiles run them 1.3-1.4x as fast as MKL there. Since MKL's order depends on the CPU, the first call compares the two
-  on a few products shaped as the layers' and keeps torch's where any bit differs (:func:`dense_products_status`).
+  on a few products shaped as the layers' and keeps torch's where any bit differs (:func:`dense_products_status`);
+- full-ranking scores (:func:`run_dot_scores`, for the evaluator): ``user @ item.T`` with ``torch.mm``'s sums (one
+  chain up to 192 deep, two halves up to 383, chains of 192 from there, the chains added in order), with the maximum
+  of every group of 32 items on the side; checked against ``torch.mm`` on first use likewise
+  (:func:`dot_scores_status`).
 
 The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
 torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
@@ -57,7 +61,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "dense_products_status", "forget_loaded", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "run_gemm",
+    "SCORE_GROUP", "dense_products_status", "dot_scores_status", "forget_loaded", "pack_score_items",
+    "run_dot_scores", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "run_gemm",
     "run_gemm_tn", "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "use_kernels",
 ]
 
@@ -138,8 +143,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64] * 3 + [ctypes.c_int]
     library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int  # 1: no memory for its scratch blocks
+    # users, ldu, items, out, ldo, group_max, rows, depth, chain, panels, groups, threads
+    library.grcn_bench_dot_scores_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
+        ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32,
-                   library.grcn_bench_segment_apply_f32, library.grcn_bench_gemm_f32):
+                   library.grcn_bench_segment_apply_f32, library.grcn_bench_gemm_f32,
+                   library.grcn_bench_dot_scores_f32):
         kernel.restype = None
     return library, f"native ({target})"
 
@@ -155,6 +164,8 @@ def kernel_status() -> str:
     library, status = _load()
     if library is not None and not _dense_products()[0]:
         status += f"; dense products: torch's ({_dense_products()[1]})"
+    if library is not None and not _dot_scores()[0]:
+        status += f"; ranking scores: numpy's ({_dot_scores()[1]})"
     return status
 
 
@@ -182,6 +193,7 @@ def forget_loaded() -> None:
     ``GRCN_BENCH_KERNELS``, say)."""
     _load.cache_clear()
     _dense_products.cache_clear()
+    _dot_scores.cache_clear()
 
 
 def _eligible(rowptr: Tensor, col: Tensor, rows: int, *floats: Tensor) -> bool:
@@ -429,4 +441,95 @@ def run_gemm_tn(g: Tensor, x: Tensor, out: Tensor, *, block_offsets: Tensor | No
     elif not (_gemm_tn_fits(g[:1], x[:1], out) and x.size(0) == g.size(0) and _offsets_fit(block_offsets, g.size(0))):
         return False
     _gemm_tn(library, g, x, out, block_offsets)
+    return True
+
+
+#: Items per group of :func:`run_dot_scores`' maxima: two panels of 16.
+SCORE_GROUP = 32
+#: Items per packed panel (:func:`pack_score_items`).
+SCORE_PANEL = 16
+
+
+def score_chain(depth: int) -> int | None:
+    """The length of the chains ``torch.mm`` sums a ``depth``-deep dot product in on this project's machines (MKL,
+    found by experiment as for :func:`run_gemm_tn`): the whole depth up to 192, two halves up to 383 (odd depths
+    there: not known, ``None``), 192 from 384 on."""
+    if depth <= 0:
+        return None
+    if depth <= GEMM_MAX_DEPTH:
+        return depth
+    if depth < 2 * GEMM_TN_BLOCK:
+        return depth // 2 if depth % 2 == 0 else None
+    return GEMM_TN_BLOCK
+
+
+def pack_score_items(item: Tensor) -> Tensor:
+    """``item [I, d]`` as :func:`run_dot_scores` reads it: ``[P, d, 16]`` with item ``j`` in column ``j % 16`` of
+    panel ``j // 16``, ``P`` even, the padding items zero."""
+    num_items, depth = item.shape
+    panels = -(-num_items // SCORE_PANEL)
+    panels += panels % 2
+    padded = item.new_zeros(panels * SCORE_PANEL, depth)
+    padded[:num_items] = item
+    return padded.view(panels, SCORE_PANEL, depth).transpose(1, 2).contiguous()
+
+
+def _dot_scores_fit(users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor) -> bool:
+    rows, depth = users.shape if users.dim() == 2 else (0, 0)
+    return (
+        users.dim() == 2 and packed.dim() == 3 and out.dim() == 2 and group_max.dim() == 2
+        and packed.size(0) % 2 == 0 and packed.size(1) == depth and packed.size(2) == SCORE_PANEL
+        and score_chain(depth) is not None and rows > 0
+        and out.size(0) == rows and out.size(1) == packed.size(0) * SCORE_PANEL and out.stride(1) == 1
+        and group_max.size(0) == rows and group_max.size(1) * SCORE_GROUP <= out.size(1)
+        and users.stride(1) == 1 and packed.is_contiguous() and group_max.is_contiguous()
+        and packed.data_ptr() % 32 == 0
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (users, packed, out, group_max))
+    )
+
+
+def _run_dot_scores(library: ctypes.CDLL, users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor) -> None:
+    rows, depth = users.shape
+    library.grcn_bench_dot_scores_f32(_pointer(users), users.stride(0), _pointer(packed), _pointer(out), out.stride(0),
+                                      _pointer(group_max), rows, depth, score_chain(depth), packed.size(0),
+                                      group_max.size(1), _threads(rows * depth * out.size(1)))
+
+
+@functools.lru_cache(maxsize=1)
+def _dot_scores() -> tuple[bool, str]:
+    """Whether the compiled scores are ``torch.mm``'s on this machine: asked once, on chains of each kind, for
+    batches of 32 users or more. MKL sums products of fewer rows in other orders (seen with 1, 3 and 7 rows); the
+    compiled scores do not depend on the batch."""
+    library = native_kernels()
+    if library is None:
+        return False, kernel_status()
+    generator = torch.Generator().manual_seed(0)
+    for rows, depth, num_items in ((37, 64, 1000), (40, 256, 517), (33, 200, 64), (32, 512, 300), (45, 7, 33)):
+        users = torch.randn(rows, depth, generator=generator)
+        item = torch.randn(num_items, depth, generator=generator)
+        packed = pack_score_items(item)
+        out = users.new_empty(rows, packed.size(0) * SCORE_PANEL)
+        group_max = users.new_empty(rows, num_items // SCORE_GROUP)
+        _run_dot_scores(library, users, packed, out, group_max)
+        if not torch.equal(out[:, :num_items], users @ item.t()):
+            return False, f"torch.mm sums {depth}-deep dot products in another order on this machine"
+    return True, "native"
+
+
+def dot_scores_status() -> str:
+    """``"native"`` when :func:`run_dot_scores` runs, else why not."""
+    return _dot_scores()[1]
+
+
+def run_dot_scores(users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor) -> bool:
+    """``out[:, :I] = users @ item.T`` with ``torch.mm``'s bits (:func:`dot_scores_status`), for ``packed =
+    pack_score_items(item)``, and ``group_max[r, g] = out[r, 32g:32g+32].amax()`` (NaN where one is NaN) for the
+    ``G`` columns of ``group_max`` (``32 G <= P * 16``). ``users [B, d]`` with unit column stride, ``out [B, P * 16]``
+    with unit column stride (its columns past ``I`` get the padding items' scores, 0 for finite users),
+    ``group_max [B, G]`` contiguous; float32 CPU, a depth :func:`score_chain` knows. Each score is summed on its own:
+    a user's scores do not depend on the batch. Returns ``True`` when it ran, else ``False`` with nothing written."""
+    library = native_kernels()
+    if library is None or not _dot_scores_fit(users, packed, out, group_max) or not _dot_scores()[0]:
+        return False
+    _run_dot_scores(library, users, packed, out, group_max)
     return True
