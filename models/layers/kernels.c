@@ -14,6 +14,8 @@
  * segment apply: out[k, :] = src[k, :] - values[s, :] (or /) for the rows k of segment s.
  * dot scores: out[r, j] = users[r, :] . items[j, :] for full-ranking evaluation, with the maximum of every group of
  *        32 consecutive items (dot_scores, below).
+ * columns: whole[r, index[c]] = part[r, c] (scatter) or part[r, c] = whole[r, index[c]] (gather), copies between a
+ *        receptive field's entries and their positions in the whole graph.
  *
  * The products are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product
  * and torch's sampled product wait for each row in turn; these ask for the row PREFETCH entries ahead, which is
@@ -509,4 +511,30 @@ void grcn_bench_dot_scores_f32(const float *users, int64_t ldu, const float *ite
                    .stream = ((uintptr_t)out % 32 == 0 && ldo % 8 == 0), .next = &next};
   run_threads(score_range, &job, threads);
   if (job.stream) _mm_sfence(); /* the streamed scores are visible to whoever reads them next */
+}
+
+/* columns: copies between part [rows, cols] and the columns index[0..cols) of whole [rows, whole_cols], both
+ * contiguous: scatter writes whole[r, index[c]] = part[r, c], gather part[r, c] = whole[r, index[c]]. Threads take
+ * COLUMN_CHUNK columns at a time, all rows. Returns 1, having copied nothing, when an index lies outside whole. */
+#define COLUMN_CHUNK 4096
+
+int grcn_bench_columns_f32(float *whole, float *part, const int64_t *index, int64_t rows, int64_t whole_cols,
+                           int64_t cols, int scatter, int threads) {
+  if (threads < 1) threads = 1;
+  int outside = 0;
+#pragma omp parallel for num_threads(threads) reduction(| : outside)
+  for (int64_t c = 0; c < cols; ++c) outside |= index[c] < 0 || index[c] >= whole_cols;
+  if (outside) return 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+  for (int64_t start = 0; start < cols; start += COLUMN_CHUNK) {
+    const int64_t stop = start + COLUMN_CHUNK < cols ? start + COLUMN_CHUNK : cols;
+    for (int64_t r = 0; r < rows; ++r) {
+      float *w = whole + r * whole_cols, *p = part + r * cols;
+      if (scatter)
+        for (int64_t c = start; c < stop; ++c) w[index[c]] = p[c];
+      else
+        for (int64_t c = start; c < stop; ++c) p[c] = w[index[c]];
+    }
+  }
+  return 0;
 }

@@ -28,7 +28,9 @@ independent order-exact reference):
 - full-ranking scores (:func:`run_dot_scores`, for the evaluator): ``user @ item.T`` with ``torch.mm``'s sums (one
   chain up to 192 deep, two halves up to 383, chains of 192 from there, the chains added in order), with the maximum
   of every group of 32 items on the side; checked against ``torch.mm`` on first use likewise
-  (:func:`dot_scores_status`).
+  (:func:`dot_scores_status`);
+- column copies (:func:`run_column_copy`): ``index_copy_`` and ``index_select`` along the columns, between a
+  receptive field's entries and their whole-graph positions (:func:`~.field.scatter_columns_`).
 
 The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
 torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
@@ -62,7 +64,7 @@ from torch import Tensor
 
 __all__ = [
     "SCORE_GROUP", "dense_products_status", "dot_scores_status", "forget_loaded", "pack_score_items",
-    "run_dot_scores", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "run_gemm",
+    "run_column_copy", "run_dot_scores", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "run_gemm",
     "run_gemm_tn", "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "use_kernels",
 ]
 
@@ -143,6 +145,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64] * 3 + [ctypes.c_int]
     library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int  # 1: no memory for its scratch blocks
+    # whole, part, index, rows, whole_cols, cols, scatter, threads
+    library.grcn_bench_columns_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    library.grcn_bench_columns_f32.restype = ctypes.c_int  # 1: an index outside whole, nothing copied
     # users, ldu, items, out, ldo, group_max, rows, depth, chain, panels, groups, threads
     library.grcn_bench_dot_scores_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
@@ -271,6 +276,22 @@ def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -
     width = src.shape[1:].numel()
     library.grcn_bench_segment_f32(_pointer(offsets), _pointer(src), _pointer(out), out.size(0), width,
                                    int(reduce == "max"), _threads(src.numel()))
+    return True
+
+
+def run_column_copy(whole: Tensor, index: Tensor, part: Tensor, *, scatter: bool) -> bool:
+    """``whole[:, index] = part`` (``scatter``) or ``part[:] = whole[:, index]``, for float32 CPU ``whole [R, W]``
+    and ``part [R, n]``, contiguous, and an int64 ``index [n]``. Returns ``True`` when it ran, else ``False`` with
+    nothing written; raises ``IndexError`` (nothing written) when an index lies outside ``whole``."""
+    library = native_kernels()
+    if (library is None or whole.dim() != 2 or part.dim() != 2 or index.dim() != 1
+            or part.shape != (whole.size(0), index.numel()) or index.dtype != torch.int64
+            or not all(t.device.type == "cpu" and t.is_contiguous() for t in (whole, part, index))
+            or whole.dtype != torch.float32 or part.dtype != torch.float32):
+        return False
+    if library.grcn_bench_columns_f32(_pointer(whole), _pointer(part), _pointer(index), whole.size(0), whole.size(1),
+                                      index.numel(), int(scatter), _threads(part.numel())):
+        raise IndexError(f"column index out of range for {whole.size(1)} columns")
     return True
 
 
