@@ -282,7 +282,8 @@ class CompiledDotScores:
 class BufferedDotScores:
     """The default :meth:`Recommender.score` (``user @ item.T``) for batches of users, computed by numpy's BLAS into
     one reused ``[B, I]`` buffer and returned as a tensor view of it: the CPU path where :class:`CompiledDotScores`
-    cannot run (no compiled kernels, float64, a machine whose ``torch.mm`` sums otherwise).
+    cannot run (no compiled kernels, float64, a depth whose ``torch.mm`` sums are not known, a machine whose
+    ``torch.mm`` sums otherwise).
 
     On the CPUs this suite is measured on, OpenBLAS through ``np.matmul(..., out=buffer)`` reaches 70-85 % of the
     machine's dense matmul rate on these shapes, ``torch.mm`` 30-50 % (ENVIRONMENT.md), and reusing the buffer avoids
