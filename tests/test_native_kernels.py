@@ -462,3 +462,106 @@ def test_cache_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert native.cache_dir() == tmp_path / "home" / ".cache" / "grcn-bench"
+
+
+# ------------------------------------------------------------------------------------- GRCN's fused routing step
+
+
+def _routing_operands(rows: int, cols: int, width: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    pattern = random_pattern(rows, cols, 0.15, seed=seed)  # an empty first row, rows of every length
+    a = torch.randn(rows, width, generator=generator) * 3
+    b = torch.randn(cols, width, generator=generator)
+    return pattern, a, b
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int32)  # NaN payloads and the sign of zero included
+
+
+@needs_native
+@pytest.mark.parametrize("width", [8, 16, 64])
+def test_routing_step_has_the_three_operations_bits(width):
+    pattern, a, b = _routing_operands(120, 90, width, seed=width)
+    b = b.abs() + 0.5
+    a[5, 0] = float("nan")  # a row of NaN logits
+    a[7] = -1e38  # a row whose logits all overflow to -inf: its max is reset to 0 (as segment_softmax does), p = 0
+    assert int(pattern.rowptr[8] - pattern.rowptr[7]) > 0
+    logits, p, pulled = torch.empty(pattern.nnz), torch.empty(pattern.nnz), torch.empty(120, width)
+    assert native.run_route_step(pattern.rowptr, pattern.col, a, b, logits, p, pulled)
+    expected_logits = sparse.sddmm(pattern, a, b)
+    expected_p = sparse.segment_softmax(expected_logits, pattern.rowptr.long())
+    expected_pulled = sparse.spmm(pattern, expected_p, b)
+    for mine, theirs in ((logits, expected_logits), (p, expected_p), (pulled, expected_pulled)):
+        assert torch.equal(_bits(mine), _bits(theirs))
+    assert bool(torch.isnan(p[int(pattern.rowptr[5]) : int(pattern.rowptr[6])]).all())
+    assert bool((p[int(pattern.rowptr[7]) : int(pattern.rowptr[8])] == 0).all())
+    assert bool((pulled[0] == 0).all())  # the empty row
+
+
+@needs_native
+def test_routing_step_refusals_write_nothing():
+    pattern, a, b = _routing_operands(40, 30, 16)
+    outputs = lambda width, dtype=torch.float32: (torch.full((pattern.nnz,), 7.0, dtype=dtype),  # noqa: E731
+                                                  torch.full((pattern.nnz,), 7.0, dtype=dtype),
+                                                  torch.full((40, width), 7.0, dtype=dtype))
+    refused = {
+        "too wide": (pattern.rowptr, pattern.col, torch.randn(40, 72), torch.randn(30, 72), *outputs(72)),
+        "width not a multiple of 8": (pattern.rowptr, pattern.col, torch.randn(40, 12), torch.randn(30, 12),
+                                      *outputs(12)),
+        "float64": (pattern.rowptr, pattern.col, a.double(), b.double(), *outputs(16, torch.float64)),
+        "int64 indices": (pattern.rowptr.long(), pattern.col.long(), a, b, *outputs(16)),
+        "rows that disagree": (pattern.rowptr, pattern.col, a[:39], b, *outputs(16)),
+    }
+    for name, case in refused.items():
+        assert not native.run_route_step(*case), name
+        assert all(bool((out == 7.0).all()) for out in case[4:]), name
+
+
+@needs_native
+def test_route_prototypes_is_the_same_fused_or_not(monkeypatch):
+    """Values and every gradient, bit for bit, with the fused step and with the three operations."""
+    from grcn_bench.models.layers.refine import route_prototypes
+
+    dataset = load_dataset("synthetic:tiny")
+    graph = dataset.graph()
+    generator = torch.Generator().manual_seed(3)
+    content = torch.randn(3, dataset.num_items, 64, generator=generator)
+    init = torch.randn(3, dataset.num_users, 64, generator=generator)
+
+    def run():
+        leaves = [content.clone().requires_grad_(), init.clone().requires_grad_()]
+        out = route_prototypes(leaves[0], leaves[1], graph, 3)
+        (out.sin() * torch.linspace(0, 1, out.size(-1))).sum().backward()
+        return [out, *(leaf.grad for leaf in leaves)]
+
+    fused_steps = []
+
+    def counted(*args):
+        result = sparse.routing_step(*args)
+        fused_steps.append(result is not None)
+        return result
+
+    monkeypatch.setattr("grcn_bench.models.layers.refine.routing_step", counted)
+    fused = run()
+    assert fused_steps == [True, True, True]
+    monkeypatch.setattr("grcn_bench.models.layers.refine.routing_step", lambda *args: None)
+    unfused = run()
+    for mine, theirs in zip(fused, unfused, strict=True):
+        assert torch.equal(_bits(mine), _bits(theirs))
+
+
+def test_a_routing_step_that_differs_is_not_used(fresh_loader, monkeypatch):
+    monkeypatch.setattr(native, "_route_step", lambda: (False, "its bits differ from the unfused operations' here"))
+    pattern, a, b = _routing_operands(40, 30, 16)
+    assert not native.run_route_step(pattern.rowptr, pattern.col, a, b, torch.empty(pattern.nnz),
+                                     torch.empty(pattern.nnz), torch.empty(40, 16))
+    assert sparse.routing_step(pattern, a.unsqueeze(0), b.unsqueeze(0)) is None
+    if native.native_kernels() is not None:
+        assert "GRCN's routing: unfused (its bits differ" in native.kernel_status()
+
+
+def test_the_routing_step_needs_torchs_exp(fresh_loader, monkeypatch):
+    monkeypatch.setattr(native, "_torch_exp", lambda: None)
+    if native.native_kernels() is not None:
+        assert native.route_step_status() == "MKL's vsExp not found in torch's library"

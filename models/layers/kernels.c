@@ -16,6 +16,8 @@
  *        32 consecutive items (dot_scores, below).
  * columns: whole[r, index[c]] = part[r, c] (scatter) or part[r, c] = whole[r, index[c]] (gather), copies between a
  *        receptive field's entries and their positions in the whole graph.
+ * routing step: sddmm, the softmax over each row's entries and spmm with those weights, in one pass over each row
+ *        (GRCN's prototype routing, route_step below).
  *
  * The products are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product
  * and torch's sampled product wait for each row in turn; these ask for the row PREFETCH entries ahead, which is
@@ -537,4 +539,76 @@ int grcn_bench_columns_f32(float *whole, float *part, const int64_t *index, int6
     }
   }
   return 0;
+}
+
+/* route step: one iteration of GRCN's prototype routing for one modality, the three operations of
+ * refine.route_prototypes in one pass over each row r (a user) of the pattern:
+ *   logits[k] = a[r] . b[col[k]]                       (sddmm's sum, above)
+ *   p[k]      = exp(logits[k] - m) / (sum + 1e-16)     (segment_softmax: m the row's max (0 when infinite), torch's
+ *                                                       NaN rule; exp by `exp_rows`, the function torch's exp calls;
+ *                                                       the sum in order from 0)
+ *   pulled[r] = sum over k of p[k] b[col[k]]           (spmm's sum, above)
+ * with the bits of those three, so their autograd nodes take these results unchanged (sparse.py). Each entry's row
+ * of b is gathered once for both sums: the second reads it from cache. width is a multiple of 8, at most 64. */
+typedef void (*exp_rows_fn)(int n, const float *in, float *out);
+
+typedef struct {
+  const int32_t *rowptr, *col;
+  const float *a, *b;
+  float *logits, *p, *pulled;
+  int64_t width, nnz, end;
+  int64_t *next;
+  exp_rows_fn exp_rows;
+} route_job;
+
+static void *route_range(void *arg) {
+  const route_job *job = arg;
+  const int64_t width = job->width, vectors = width / 8, cache_lines = (width + 15) / 16;
+  FOR_EACH_ROW(job, row) {
+    const int64_t begin = job->rowptr[row], end = job->rowptr[row + 1];
+    const float *a = job->a + row * width;
+    float max = -__builtin_inff();
+    for (int64_t k = begin; k < end; ++k) {
+      if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
+      const float *b = job->b + (int64_t)job->col[k] * width;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+      for (int64_t j = 8; j < width; j += 8)
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(acc, acc, 0x1));
+      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0x4E));
+      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0xB1));
+      const float logit = _mm256_cvtss_f32(acc) + 0.0f;
+      job->logits[k] = logit;
+      max = (logit != logit) ? logit : (max < logit ? logit : max);
+    }
+    if (max == __builtin_inff() || max == -__builtin_inff()) max = 0.0f;
+    for (int64_t k = begin; k < end; ++k) job->p[k] = job->logits[k] - max;
+    if (end > begin) job->exp_rows((int)(end - begin), job->p + begin, job->p + begin);
+    float sum = 0.0f;
+    for (int64_t k = begin; k < end; ++k) sum = sum + job->p[k];
+    sum = sum + 1e-16f;
+    __m256 out[8];
+    for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_setzero_ps();
+    for (int64_t k = begin; k < end; ++k) {
+      const float weight = job->p[k] / sum;
+      job->p[k] = weight;
+      const __m256 w = _mm256_set1_ps(weight);
+      const float *b = job->b + (int64_t)job->col[k] * width;
+      for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_add_ps(out[v], _mm256_mul_ps(w, _mm256_loadu_ps(b + 8 * v)));
+    }
+    for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(job->pulled + row * width + 8 * v, out[v]);
+  }
+  return 0;
+}
+
+void grcn_bench_route_step_f32(const int32_t *rowptr, const int32_t *col, const float *a, const float *b,
+                               float *logits, float *p, float *pulled, int64_t rows, int64_t width, void *exp_rows,
+                               int threads) {
+  route_job whole = {.rowptr = rowptr, .col = col, .a = a, .b = b, .logits = logits, .p = p, .pulled = pulled,
+                     .width = width, .nnz = rowptr[rows], .exp_rows = (exp_rows_fn)exp_rows};
+  int64_t next = 0;
+  if (threads > (rows + BLOCK - 1) / BLOCK) threads = (int)((rows + BLOCK - 1) / BLOCK);
+  whole.end = rows;
+  whole.next = &next;
+  run_threads(route_range, &whole, threads);
 }

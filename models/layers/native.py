@@ -29,6 +29,9 @@ independent order-exact reference):
   chain up to 192 deep, two halves up to 383, chains of 192 from there, the chains added in order), with the maximum
   of every group of 32 items on the side; checked against ``torch.mm`` on first use likewise
   (:func:`dot_scores_status`);
+- GRCN's routing step (:func:`run_route_step`): its sampled product, softmax over each user's items and product in
+  one pass over each user's items, with those three operations' bits (the exponential is MKL's ``vsExp``, which
+  ``torch.exp`` calls: looked up in torch's own library); compared with them on first use (:func:`route_step_status`);
 - column copies (:func:`run_column_copy`): ``index_copy_`` and ``index_select`` along the columns, between a
   receptive field's entries and their whole-graph positions (:func:`~.field.scatter_columns_`).
 
@@ -63,9 +66,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SCORE_GROUP", "dense_products_status", "dot_scores_status", "forget_loaded", "pack_score_items",
-    "run_column_copy", "run_dot_scores", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "run_gemm",
-    "run_gemm_tn", "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "use_kernels",
+    "SCORE_GROUP", "dense_products_status", "dot_scores_status", "forget_loaded", "gemm_tn_depth_fits",
+    "kernel_status", "native_kernels", "pack_score_items", "route_step_status", "run_column_copy", "run_dot_scores",
+    "run_gemm", "run_gemm_tn", "run_route_step", "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm",
+    "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +149,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64] * 3 + [ctypes.c_int]
     library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int  # 1: no memory for its scratch blocks
+    # rowptr, col, a, b, logits, p, pulled, rows, width, exp_rows, threads
+    library.grcn_bench_route_step_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_void_p,
+                                                                                                  ctypes.c_int]
+    library.grcn_bench_route_step_f32.restype = None
     # whole, part, index, rows, whole_cols, cols, scatter, threads
     library.grcn_bench_columns_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     library.grcn_bench_columns_f32.restype = ctypes.c_int  # 1: an index outside whole, nothing copied
@@ -171,6 +179,8 @@ def kernel_status() -> str:
         status += f"; dense products: torch's ({_dense_products()[1]})"
     if library is not None and not _dot_scores()[0]:
         status += f"; ranking scores: numpy's ({_dot_scores()[1]})"
+    if library is not None and not _route_step()[0]:
+        status += f"; GRCN's routing: unfused ({_route_step()[1]})"
     return status
 
 
@@ -199,6 +209,7 @@ def forget_loaded() -> None:
     _load.cache_clear()
     _dense_products.cache_clear()
     _dot_scores.cache_clear()
+    _route_step.cache_clear()
 
 
 def _eligible(rowptr: Tensor, col: Tensor, rows: int, *floats: Tensor) -> bool:
@@ -553,4 +564,93 @@ def run_dot_scores(users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor
     if library is None or not _dot_scores_fit(users, packed, out, group_max) or not _dot_scores()[0]:
         return False
     _run_dot_scores(library, users, packed, out, group_max)
+    return True
+
+
+#: The widest rows :func:`run_route_step` takes (its accumulators stay in registers).
+ROUTE_MAX_WIDTH = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_exp() -> int | None:
+    """The address of MKL's ``vsExp`` in torch's CPU library, the function ``torch.exp`` runs on contiguous float32
+    CPU tensors where torch is built with MKL (:func:`_route_step` checks that the bits agree), or ``None``."""
+    try:
+        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(library.vsExp, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def _route_step_fits(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor, p: Tensor,
+                     pulled: Tensor) -> bool:
+    return (
+        a.dim() == 2 and b.dim() == 2 and a.size(1) == b.size(1) and a.size(1) % 8 == 0
+        and 0 < a.size(1) <= ROUTE_MAX_WIDTH and pulled.shape == a.shape
+        and logits.shape == p.shape == (col.numel(),) and rowptr.numel() == a.size(0) + 1
+        and _eligible(rowptr, col, a.size(0), a, b, logits, p, pulled)
+    )
+
+
+def _run_route_step(library: ctypes.CDLL, rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor,
+                    p: Tensor, pulled: Tensor) -> None:
+    library.grcn_bench_route_step_f32(_pointer(rowptr), _pointer(col), _pointer(a), _pointer(b), _pointer(logits),
+                                      _pointer(p), _pointer(pulled), a.size(0), a.size(1),
+                                      ctypes.c_void_p(_torch_exp()), _threads(col.numel() * a.size(1)))
+
+
+@functools.lru_cache(maxsize=1)
+def _route_step() -> tuple[bool, str]:
+    """Whether the fused routing step gives the three operations' bits here: asked once, on a random pattern with
+    empty rows, at widths 64 and 16."""
+    library = native_kernels()
+    if library is None:
+        return False, kernel_status()
+    if _torch_exp() is None:
+        return False, "MKL's vsExp not found in torch's library"
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols, width in ((300, 200, 64), (97, 31, 16)):
+        mask = torch.rand(rows, cols, generator=generator) < 0.1
+        mask[::7] = False  # rows without entries
+        row, column = mask.nonzero(as_tuple=True)
+        rowptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(row, minlength=rows).cumsum(0)])
+        rowptr, column = rowptr.int(), column.int()
+        a = torch.randn(rows, width, generator=generator) * 3
+        b = torch.randn(cols, width, generator=generator)
+        logits, p, pulled = (torch.empty(column.numel()), torch.empty(column.numel()), torch.empty(rows, width))
+        _run_route_step(library, rowptr, column, a, b, logits, p, pulled)
+        expected = _unfused_route_step(rowptr, column, a, b)
+        if not all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip((logits, p, pulled), expected,
+                                                                                       strict=True)):
+            return False, f"its bits differ from the unfused operations' here (width {width})"
+    return True, "native"
+
+
+def _unfused_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The sampled product, segment softmax and product of :func:`run_route_step`, one after the other."""
+    from .sparse import CSRPattern, sddmm, segment_softmax, spmm  # sparse imports this module
+
+    pattern = CSRPattern.from_coo(torch.repeat_interleave(torch.arange(a.size(0)), (rowptr[1:] - rowptr[:-1]).long()),
+                                  col.long(), a.size(0), b.size(0))
+    logits = sddmm(pattern, a, b)
+    p = segment_softmax(logits, rowptr.long())
+    return logits, p, spmm(pattern, p, b)
+
+
+def route_step_status() -> str:
+    """``"native"`` when :func:`run_route_step` runs, else why not."""
+    return _route_step()[1]
+
+
+def run_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor, p: Tensor,
+                   pulled: Tensor) -> bool:
+    """One routing iteration of GRCN (``refine.route_prototypes``) in one pass per row: ``logits = sddmm(a, b)``,
+    ``p = segment_softmax(logits)`` over each row's entries and ``pulled = spmm(p, b)``, written to ``logits``,
+    ``p`` (``[nnz]``) and ``pulled`` (``[R, d]``) with those operations' bits (:func:`route_step_status`). For
+    float32 CPU operands, int32 indices, ``d`` a multiple of 8 up to 64, all contiguous. Returns ``True`` when it
+    ran, else ``False`` with nothing written."""
+    library = native_kernels()
+    if library is None or not _route_step_fits(rowptr, col, a, b, logits, p, pulled) or not _route_step()[0]:
+        return False
+    _run_route_step(library, rowptr, col, a, b, logits, p, pulled)
     return True

@@ -38,7 +38,7 @@ from torch_geometric.nn import MessagePassing
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import CSRPattern, sddmm, segment_softmax, spmm, stacked_rowptr, user_item_pattern
+from .sparse import CSRPattern, routing_step, sddmm, segment_softmax, spmm, stacked_rowptr, user_item_pattern
 
 Fusion = Literal["max_base", "max", "mean"]
 Pruning = Literal["soft", "hard"]
@@ -118,9 +118,13 @@ def route_prototypes(
     # summation order of the results pinned in tests/test_perf.py).
     items = item_content.view(item_content.shape)
     for _ in range(iterations):
-        logits = sddmm(pattern, prototypes, items)  # [M, E]: i_m . u_(t-1) per modality and edge
-        p = segment_softmax(logits.view(-1), segments).view_as(logits)
-        pulled = spmm(pattern, p, items)  # [M, U, d]
+        # The three operations below in one pass over each user's items where the compiled kernel runs (the same
+        # bits); their autograd nodes take its results, so the backward is theirs either way.
+        fused = routing_step(pattern, prototypes, items)
+        logits, p, pulled = (None, None, None) if fused is None else fused
+        logits = sddmm(pattern, prototypes, items, result=logits)  # [M, E]: i_m . u_(t-1) per modality and edge
+        p = segment_softmax(logits.view(-1), segments, result=None if p is None else p.view(-1)).view_as(logits)
+        pulled = spmm(pattern, p, items, result=pulled)  # [M, U, d]
         prototypes = l2_normalize(prototypes + pulled)
     return prototypes
 

@@ -57,11 +57,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .native import native_kernels, run_sddmm, run_segment_apply, run_segment_reduce, run_spmm
+from .native import native_kernels, run_route_step, run_sddmm, run_segment_apply, run_segment_reduce, run_spmm
 
 __all__ = [
-    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_broadcast", "segment_reduce",
-    "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr", "user_item_pattern",
+    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "routing_step", "sddmm", "segment_broadcast",
+    "segment_reduce", "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr",
+    "user_item_pattern",
 ]
 
 #: Channel-major operands smaller than this run as one product over the channels' stacked pattern, larger ones as one
@@ -335,9 +336,12 @@ def _kernels(headed: bool) -> tuple[Callable[..., Tensor], Callable[..., Tensor]
 
 class _SpMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor, headed: bool) -> Tensor:
+    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor, headed: bool, result: Tensor | None = None
+                ) -> Tensor:
         ctx.pattern, ctx.headed = pattern, headed
         ctx.save_for_backward(values, x)
+        if result is not None:  # computed by a fused kernel with this product's bits
+            return result
         spmm_raw, _ = _kernels(headed)
         return spmm_raw(pattern.rowptr, pattern.col, values, x, pattern.num_rows)
 
@@ -352,14 +356,16 @@ class _SpMM(torch.autograd.Function):
             grad_values = sddmm_raw(pattern.rowptr, pattern.col, grad, x)
         if ctx.needs_input_grad[2]:  # dL/dX = A^T dL/dY; A^T's values are the forward's, permuted by t_perm
             grad_x = spmm_raw(pattern.t_rowptr, pattern.t_col, values, grad, pattern.num_cols, pattern.t_perm)
-        return None, grad_values, grad_x, None
+        return None, grad_values, grad_x, None, None
 
 
 class _SDDMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor, headed: bool) -> Tensor:
+    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor, headed: bool, result: Tensor | None = None) -> Tensor:
         ctx.pattern, ctx.headed = pattern, headed
         ctx.save_for_backward(a, b)
+        if result is not None:  # computed by a fused kernel with this product's bits
+            return result
         _, sddmm_raw = _kernels(headed)
         return sddmm_raw(pattern.rowptr, pattern.col, a, b)
 
@@ -374,7 +380,7 @@ class _SDDMM(torch.autograd.Function):
             grad_a = spmm_raw(pattern.rowptr, pattern.col, grad, b, pattern.num_rows)
         if ctx.needs_input_grad[2]:  # dL/db_c = sum over column c of dL/dz_k a[r_k]
             grad_b = spmm_raw(pattern.t_rowptr, pattern.t_col, grad, a, pattern.num_cols, pattern.t_perm)
-        return None, grad_a, grad_b, None
+        return None, grad_a, grad_b, None, None
 
 
 def segment_reduce(src: Tensor, reduce: str, ptr: Tensor) -> Tensor:
@@ -405,7 +411,10 @@ def segment_broadcast(src: Tensor, ptr: Tensor, values: Tensor, op: str, *, out:
 
 class _SegmentSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, src: Tensor, ptr: Tensor) -> Tensor:
+    def forward(ctx, src: Tensor, ptr: Tensor, result: Tensor | None = None) -> Tensor:
+        if result is not None:  # computed by a fused kernel with this softmax's bits
+            ctx.save_for_backward(result, ptr)
+            return result
         # The same operations as torch_geometric.utils.softmax(src, ptr=ptr), so the values are bit for bit PyG's.
         src_max = segment_reduce(src, "max", ptr)
         src_max = torch.where(src_max.isinf(), 0, src_max)  # empty segments; they have no entry to shift
@@ -421,33 +430,57 @@ class _SegmentSoftmax(torch.autograd.Function):
         out, ptr = ctx.saved_tensors
         # d softmax: p * (g - sum_segment(p * g)), one pass instead of autograd's trip through every forward step.
         dot = segment_reduce(out * grad, "sum", ptr)
-        return segment_broadcast(grad, ptr, dot, "sub").mul_(out), None
+        return segment_broadcast(grad, ptr, dot, "sub").mul_(out), None, None
 
 
 # --------------------------------------------------------------------------------------------------------- public
 
 
-def segment_softmax(src: Tensor, ptr: Tensor) -> Tensor:
+def segment_softmax(src: Tensor, ptr: Tensor, *, result: Tensor | None = None) -> Tensor:
     r"""Softmax over the contiguous segments ``ptr[s]..ptr[s+1]`` of dimension 0 (each CSR row's entries):
     :math:`p_k = \exp(z_k - \max_s z) / (\sum_{k' \in s} \exp(z_{k'} - \max_s z) + 10^{-16})`.
 
     The values are those of ``torch_geometric.utils.softmax(src, ptr=ptr)``; the backward is one fused pass
     :math:`\partial z_k = p_k (\partial p_k - \sum_{k' \in s} p_{k'} \partial p_{k'})` (the :math:`10^{-16}` that
     guards empty sums is left out of the derivative). ``src`` is ``[n]`` or ``[n, M]`` (one softmax per column).
+    ``result``: the softmax, already computed with these bits by a fused kernel (:func:`routing_step`), taken as
+    the value; the backward is the same.
     """
     ptr = ptr.long()
     if ptr.dim() != 1 or ptr.numel() < 1 or int(ptr[-1]) != src.size(0) or int(ptr[0]) != 0:
         raise ValueError(f"segment_softmax: ptr must run from 0 to {src.size(0)}, got {ptr.numel()} entries")
-    return _SegmentSoftmax.apply(src, ptr)
+    if result is not None and result.shape != src.shape:
+        raise ValueError(f"segment_softmax: result {tuple(result.shape)} for src {tuple(src.shape)}")
+    return _SegmentSoftmax.apply(src, ptr, result)
 
 
 
-def spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
+def routing_step(pattern: CSRPattern, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(logits, p, pulled)`` of ``logits = sddmm(pattern, a, b)``, ``p`` the softmax of each channel's logits over
+    every row's entries (:func:`segment_softmax`) and ``pulled = spmm(pattern, p, b)``, for channel-major ``a [M, R,
+    d]`` and ``b [M, C, d]``: computed in one pass over each row by the compiled kernel
+    (:func:`~.native.run_route_step`), with those operations' bits, or ``None`` where it does not run. Plain tensors:
+    pass them to the three operations as ``result``, which keeps their autograd nodes and backward passes (GRCN's
+    prototype routing, :func:`~.refine.route_prototypes`)."""
+    if a.dim() != 3 or b.dim() != 3 or a.size(0) != b.size(0) or a.size(1) != pattern.num_rows:
+        return None
+    channels, nnz = a.size(0), pattern.nnz
+    logits, p = a.new_empty(channels, nnz), a.new_empty(channels, nnz)
+    pulled = a.new_empty(a.shape)
+    with torch.no_grad():
+        for m in range(channels):
+            if not run_route_step(pattern.rowptr, pattern.col, a[m], b[m], logits[m], p[m], pulled[m]):
+                return None
+    return logits, p, pulled
+
+
+def spmm(pattern: CSRPattern, values: Tensor, x: Tensor, *, result: Tensor | None = None) -> Tensor:
     r"""Weighted sum over each row's entries: :math:`\mathbf{y}_r = \sum_{k \in \mathrm{row}(r)} w_k
     \mathbf{x}_{c_k}`, per channel when ``values`` is ``[M, nnz]`` and ``x`` is ``[M, C, d]`` (channel ``m``'s
     weights on channel ``m``'s features).
 
-    Differentiable in ``values`` and ``x``; returns ``[R, d]`` or ``[M, R, d]``.
+    Differentiable in ``values`` and ``x``; returns ``[R, d]`` or ``[M, R, d]``. ``result``: the product, already
+    computed with these bits by a fused kernel (:func:`routing_step`), taken as the value; the backward is the same.
     """
     channel_major = values.dim() == 2 and x.dim() == 3 and values.size(0) == x.size(0)
     if not (values.dim() == 1 and x.dim() == 2 or channel_major):
@@ -460,12 +493,17 @@ def spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
             f"spmm: pattern [{pattern.num_rows}, {pattern.num_cols}] with {pattern.nnz} entries, got values "
             f"{tuple(values.shape)} and features {tuple(x.shape)}"
         )
-    return _SpMM.apply(pattern, values, x, False)
+    expected = (*values.shape[:-1], pattern.num_rows, x.size(-1))
+    if result is not None and tuple(result.shape) != expected:
+        raise ValueError(f"spmm: result {tuple(result.shape)}, expected {expected}")
+    return _SpMM.apply(pattern, values, x, False, result)
 
 
-def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
+def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor, *, result: Tensor | None = None) -> Tensor:
     r"""One dot product per stored entry, :math:`z_k = \mathbf{a}_{r_k}^\top \mathbf{b}_{c_k}`, per channel for
-    ``[M, R, d]`` and ``[M, C, d]`` inputs. Differentiable in ``a`` and ``b``; returns ``[nnz]`` or ``[M, nnz]``."""
+    ``[M, R, d]`` and ``[M, C, d]`` inputs. Differentiable in ``a`` and ``b``; returns ``[nnz]`` or ``[M, nnz]``.
+    ``result``: the products, already computed with these bits by a fused kernel (:func:`routing_step`), taken as
+    the value; the backward is the same."""
     if a.dim() not in (2, 3) or a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2] or a.size(-1) != b.size(-1):
         raise ValueError(f"sddmm: inputs must be [n, d] or [M, n, d] alike, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.size(-2) != pattern.num_rows or b.size(-2) != pattern.num_cols:
@@ -473,7 +511,10 @@ def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
             f"sddmm: pattern [{pattern.num_rows}, {pattern.num_cols}], got left {tuple(a.shape)} and right "
             f"{tuple(b.shape)}"
         )
-    return _SDDMM.apply(pattern, a, b, False)
+    expected = (*a.shape[:-2], pattern.nnz)
+    if result is not None and tuple(result.shape) != expected:
+        raise ValueError(f"sddmm: result {tuple(result.shape)}, expected {expected}")
+    return _SDDMM.apply(pattern, a, b, False, result)
 
 
 def _compiled_heads(pattern: CSRPattern, *tensors: Tensor) -> bool:
@@ -507,7 +548,7 @@ def headed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
                          f"got values {tuple(values.shape)} and features {tuple(x.shape)}")
     heads, width = x.size(1), x.size(2)
     if _compiled_heads(pattern, values, x):
-        return _SpMM.apply(pattern, values, x, True)
+        return _SpMM.apply(pattern, values, x, True, None)
     out = spmm(stack_pattern(pattern, heads), values.t().contiguous().view(-1),
                x.transpose(0, 1).contiguous().view(-1, width))
     return out.view(heads, pattern.num_rows, width).transpose(0, 1)
@@ -527,7 +568,7 @@ def headed_sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
                          f"{tuple(a.shape)} and right {tuple(b.shape)}")
     heads, width = a.size(1), a.size(2)
     if _compiled_heads(pattern, a, b):
-        return _SDDMM.apply(pattern, a, b, True)
+        return _SDDMM.apply(pattern, a, b, True, None)
     block = stack_pattern(pattern, heads)
     products = sddmm(block, a.transpose(0, 1).contiguous().view(-1, width),
                      b.transpose(0, 1).contiguous().view(-1, width))
