@@ -500,6 +500,24 @@ def test_routing_step_has_the_three_operations_bits(width):
 
 
 @needs_native
+@pytest.mark.parametrize("width", [8, 16, 64])
+def test_routing_step_backward_has_the_three_operations_bits(width):
+    pattern, a, b = _routing_operands(120, 90, width, seed=width + 1)
+    a[7] = -1e38  # all -inf logits: p = 0 in that row
+    g = torch.randn(120, width, generator=torch.Generator().manual_seed(9))
+    leaf = a.clone().requires_grad_()
+    logits = sparse.sddmm(pattern, leaf, b)
+    p = sparse.segment_softmax(logits, pattern.rowptr.long())
+    expected_grad, expected_grad_a = torch.autograd.grad(sparse.spmm(pattern, p, b), (logits, leaf), g)
+    grad, grad_a = torch.full((pattern.nnz,), 7.0), torch.full((120, width), 7.0)
+    assert native.run_route_step_backward(pattern.rowptr, pattern.col, b, p.detach(), g, grad, grad_a)
+    assert torch.equal(_bits(grad), _bits(expected_grad)) and torch.equal(_bits(grad_a), _bits(expected_grad_a))
+    assert bool((grad_a[0] == 0).all())  # the empty row
+    assert not native.run_route_step_backward(pattern.rowptr.long(), pattern.col.long(), b, p.detach(), g, grad,
+                                              grad_a)
+
+
+@needs_native
 def test_routing_step_refusals_write_nothing():
     pattern, a, b = _routing_operands(40, 30, 16)
     outputs = lambda width, dtype=torch.float32: (torch.full((pattern.nnz,), 7.0, dtype=dtype),  # noqa: E731
@@ -565,3 +583,11 @@ def test_the_routing_step_needs_torchs_exp(fresh_loader, monkeypatch):
     monkeypatch.setattr(native, "_torch_exp", lambda: None)
     if native.native_kernels() is not None:
         assert native.route_step_status() == "MKL's vsExp not found in torch's library"
+
+
+def test_the_routing_step_check_runs_under_no_grad(fresh_loader):
+    """Its first use may be an evaluation's forward, under no_grad: the check still computes the unfused gradients."""
+    with torch.no_grad():
+        status = native.route_step_status()
+    native.forget_loaded()
+    assert native.route_step_status() == status

@@ -17,7 +17,7 @@
  * columns: whole[r, index[c]] = part[r, c] (scatter) or part[r, c] = whole[r, index[c]] (gather), copies between a
  *        receptive field's entries and their positions in the whole graph.
  * routing step: sddmm, the softmax over each row's entries and spmm with those weights, in one pass over each row
- *        (GRCN's prototype routing, route_step below).
+ *        (GRCN's prototype routing, route_step below), and the row-local part of its backward in one pass too.
  *
  * The products are bound by gathering rows of x (or b) from memory, one row per stored entry. MKL's CSR product
  * and torch's sampled product wait for each row in turn; these ask for the row PREFETCH entries ahead, which is
@@ -611,4 +611,65 @@ void grcn_bench_route_step_f32(const int32_t *rowptr, const int32_t *col, const 
   whole.end = rows;
   whole.next = &next;
   run_threads(route_range, &whole, threads);
+}
+
+/* route step backward, the row-local part, in one pass over each row r: with g = dL/dpulled,
+ *   g_p[k]      = g[r] . b[col[k]]                      (spmm's weight gradient: sddmm's sum)
+ *   grad[k]     = (g_p[k] - sum over the row of p * g_p) * p[k]   (segment_softmax's backward: the products
+ *                                                         rounded, then summed in order from 0)
+ *   grad_a[r]   = sum over k of grad[k] b[col[k]]       (sddmm's gradient to its left operand: spmm's sum)
+ * grad (dL/dlogits, [nnz]) holds g_p until the row's sum is known. The column-wise gradients to b (two transposed
+ * products) are left to spmm. */
+typedef struct {
+  const int32_t *rowptr, *col;
+  const float *b, *p, *g;
+  float *grad, *grad_a;
+  int64_t width, nnz, end;
+  int64_t *next;
+} route_back_job;
+
+static void *route_back_range(void *arg) {
+  const route_back_job *job = arg;
+  const int64_t width = job->width, vectors = width / 8, cache_lines = (width + 15) / 16;
+  FOR_EACH_ROW(job, row) {
+    const int64_t begin = job->rowptr[row], end = job->rowptr[row + 1];
+    const float *g = job->g + row * width;
+    float dot = 0.0f;
+    for (int64_t k = begin; k < end; ++k) {
+      if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
+      const float *b = job->b + (int64_t)job->col[k] * width;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(g), _mm256_loadu_ps(b));
+      for (int64_t j = 8; j < width; j += 8)
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(g + j), _mm256_loadu_ps(b + j)));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(acc, acc, 0x1));
+      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0x4E));
+      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0xB1));
+      const float g_p = _mm256_cvtss_f32(acc) + 0.0f;
+      job->grad[k] = g_p;
+      dot = dot + job->p[k] * g_p;
+    }
+    __m256 out[8];
+    for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_setzero_ps();
+    for (int64_t k = begin; k < end; ++k) {
+      const float weight = (job->grad[k] - dot) * job->p[k];
+      job->grad[k] = weight;
+      const __m256 w = _mm256_set1_ps(weight);
+      const float *b = job->b + (int64_t)job->col[k] * width;
+      for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_add_ps(out[v], _mm256_mul_ps(w, _mm256_loadu_ps(b + 8 * v)));
+    }
+    for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(job->grad_a + row * width + 8 * v, out[v]);
+  }
+  return 0;
+}
+
+void grcn_bench_route_step_backward_f32(const int32_t *rowptr, const int32_t *col, const float *b, const float *p,
+                                        const float *g, float *grad, float *grad_a, int64_t rows, int64_t width,
+                                        int threads) {
+  route_back_job whole = {.rowptr = rowptr, .col = col, .b = b, .p = p, .g = g, .grad = grad, .grad_a = grad_a,
+                          .width = width, .nnz = rowptr[rows]};
+  int64_t next = 0;
+  if (threads > (rows + BLOCK - 1) / BLOCK) threads = (int)((rows + BLOCK - 1) / BLOCK);
+  whole.end = rows;
+  whole.next = &next;
+  run_threads(route_back_range, &whole, threads);
 }

@@ -68,8 +68,8 @@ from torch import Tensor
 __all__ = [
     "SCORE_GROUP", "dense_products_status", "dot_scores_status", "forget_loaded", "gemm_tn_depth_fits",
     "kernel_status", "native_kernels", "pack_score_items", "route_step_status", "run_column_copy", "run_dot_scores",
-    "run_gemm", "run_gemm_tn", "run_route_step", "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm",
-    "use_kernels",
+    "run_gemm", "run_gemm_tn", "run_route_step", "run_route_step_backward", "run_sddmm", "run_segment_apply",
+    "run_segment_reduce", "run_spmm", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_route_step_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_void_p,
                                                                                                   ctypes.c_int]
     library.grcn_bench_route_step_f32.restype = None
+    # rowptr, col, b, p, g, grad, grad_a, rows, width, threads
+    library.grcn_bench_route_step_backward_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    library.grcn_bench_route_step_backward_f32.restype = None
     # whole, part, index, rows, whole_cols, cols, scatter, threads
     library.grcn_bench_columns_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     library.grcn_bench_columns_f32.restype = ctypes.c_int  # 1: an index outside whole, nothing copied
@@ -599,10 +602,17 @@ def _run_route_step(library: ctypes.CDLL, rowptr: Tensor, col: Tensor, a: Tensor
                                       ctypes.c_void_p(_torch_exp()), _threads(col.numel() * a.size(1)))
 
 
+def _run_route_step_backward(library: ctypes.CDLL, rowptr: Tensor, col: Tensor, b: Tensor, p: Tensor, g: Tensor,
+                             grad: Tensor, grad_a: Tensor) -> None:
+    library.grcn_bench_route_step_backward_f32(_pointer(rowptr), _pointer(col), _pointer(b), _pointer(p), _pointer(g),
+                                               _pointer(grad), _pointer(grad_a), g.size(0), g.size(1),
+                                               _threads(col.numel() * g.size(1)))
+
+
 @functools.lru_cache(maxsize=1)
 def _route_step() -> tuple[bool, str]:
-    """Whether the fused routing step gives the three operations' bits here: asked once, on a random pattern with
-    empty rows, at widths 64 and 16."""
+    """Whether the fused routing step and its backward give the unfused operations' bits here: asked once, on a
+    random pattern with empty rows, at widths 64 and 16."""
     library = native_kernels()
     if library is None:
         return False, kernel_status()
@@ -617,24 +627,33 @@ def _route_step() -> tuple[bool, str]:
         rowptr, column = rowptr.int(), column.int()
         a = torch.randn(rows, width, generator=generator) * 3
         b = torch.randn(cols, width, generator=generator)
+        g = torch.randn(rows, width, generator=generator)
         logits, p, pulled = (torch.empty(column.numel()), torch.empty(column.numel()), torch.empty(rows, width))
         _run_route_step(library, rowptr, column, a, b, logits, p, pulled)
-        expected = _unfused_route_step(rowptr, column, a, b)
-        if not all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip((logits, p, pulled), expected,
-                                                                                       strict=True)):
+        grad, grad_a = torch.empty(column.numel()), torch.empty(rows, width)
+        _run_route_step_backward(library, rowptr, column, b, p, g, grad, grad_a)
+        expected = _unfused_route_step(rowptr, column, a, b, g)
+        if not all(torch.equal(x.view(torch.int32), y.view(torch.int32))
+                   for x, y in zip((logits, p, pulled, grad, grad_a), expected, strict=True)):
             return False, f"its bits differ from the unfused operations' here (width {width})"
     return True, "native"
 
 
-def _unfused_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The sampled product, segment softmax and product of :func:`run_route_step`, one after the other."""
+def _unfused_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor,
+                        g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logits, p, pulled)`` of the sampled product, segment softmax and product that :func:`run_route_step`
+    fuses, one after the other, and the gradients to ``logits`` and ``a`` of ``pulled``'s gradient ``g``."""
     from .sparse import CSRPattern, sddmm, segment_softmax, spmm  # sparse imports this module
 
     pattern = CSRPattern.from_coo(torch.repeat_interleave(torch.arange(a.size(0)), (rowptr[1:] - rowptr[:-1]).long()),
                                   col.long(), a.size(0), b.size(0))
-    logits = sddmm(pattern, a, b)
-    p = segment_softmax(logits, rowptr.long())
-    return logits, p, spmm(pattern, p, b)
+    with torch.enable_grad():  # the first call may come from a forward under no_grad (an evaluation)
+        a = a.clone().requires_grad_()
+        logits = sddmm(pattern, a, b)
+        p = segment_softmax(logits, rowptr.long())
+        pulled = spmm(pattern, p, b)
+        grad, grad_a = torch.autograd.grad(pulled, (logits, a), g)
+    return logits.detach(), p.detach(), pulled.detach(), grad, grad_a
 
 
 def route_step_status() -> str:
@@ -653,4 +672,18 @@ def run_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Te
     if library is None or not _route_step_fits(rowptr, col, a, b, logits, p, pulled) or not _route_step()[0]:
         return False
     _run_route_step(library, rowptr, col, a, b, logits, p, pulled)
+    return True
+
+
+def run_route_step_backward(rowptr: Tensor, col: Tensor, b: Tensor, p: Tensor, g: Tensor, grad: Tensor,
+                            grad_a: Tensor) -> bool:
+    """The row-local part of :func:`run_route_step`'s backward in one pass per row, for ``g = dL/dpulled``:
+    ``grad = dL/dlogits`` (``[nnz]``: through the product's weights and the softmax) and ``grad_a = dL/da`` (``[R,
+    d]``), with the bits of the unfused operations' backward passes (:func:`route_step_status`); ``p`` is the
+    forward's softmax. The gradients to ``b`` are two transposed products (:mod:`.sparse`). Operands as for
+    :func:`run_route_step`. Returns ``True`` when it ran, else ``False`` with nothing written."""
+    library = native_kernels()
+    if library is None or not _route_step_fits(rowptr, col, g, b, grad, p, grad_a) or not _route_step()[0]:
+        return False
+    _run_route_step_backward(library, rowptr, col, b, p, g, grad, grad_a)
     return True

@@ -118,13 +118,13 @@ def route_prototypes(
     # summation order of the results pinned in tests/test_perf.py).
     items = item_content.view(item_content.shape)
     for _ in range(iterations):
-        # The three operations below in one pass over each user's items where the compiled kernel runs (the same
-        # bits); their autograd nodes take its results, so the backward is theirs either way.
-        fused = routing_step(pattern, prototypes, items)
-        logits, p, pulled = (None, None, None) if fused is None else fused
-        logits = sddmm(pattern, prototypes, items, result=logits)  # [M, E]: i_m . u_(t-1) per modality and edge
-        p = segment_softmax(logits.view(-1), segments, result=None if p is None else p.view(-1)).view_as(logits)
-        pulled = spmm(pattern, p, items, result=pulled)  # [M, U, d]
+        # The three operations below in one compiled pass over each user's items where it runs, with their bits and
+        # their gradients' (sparse.routing_step).
+        pulled = routing_step(pattern, prototypes, items)
+        if pulled is None:
+            logits = sddmm(pattern, prototypes, items)  # [M, E]: i_m . u_(t-1) per modality and edge
+            p = segment_softmax(logits.view(-1), segments).view_as(logits)
+            pulled = spmm(pattern, p, items)  # [M, U, d]
         prototypes = l2_normalize(prototypes + pulled)
     return prototypes
 

@@ -57,7 +57,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .native import native_kernels, run_route_step, run_sddmm, run_segment_apply, run_segment_reduce, run_spmm
+from .native import (
+    ROUTE_MAX_WIDTH,
+    native_kernels,
+    route_step_status,
+    run_route_step,
+    run_route_step_backward,
+    run_sddmm,
+    run_segment_apply,
+    run_segment_reduce,
+    run_spmm,
+)
 
 __all__ = [
     "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "routing_step", "sddmm", "segment_broadcast",
@@ -336,12 +346,9 @@ def _kernels(headed: bool) -> tuple[Callable[..., Tensor], Callable[..., Tensor]
 
 class _SpMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor, headed: bool, result: Tensor | None = None
-                ) -> Tensor:
+    def forward(ctx, pattern: CSRPattern, values: Tensor, x: Tensor, headed: bool) -> Tensor:
         ctx.pattern, ctx.headed = pattern, headed
         ctx.save_for_backward(values, x)
-        if result is not None:  # computed by a fused kernel with this product's bits
-            return result
         spmm_raw, _ = _kernels(headed)
         return spmm_raw(pattern.rowptr, pattern.col, values, x, pattern.num_rows)
 
@@ -356,16 +363,14 @@ class _SpMM(torch.autograd.Function):
             grad_values = sddmm_raw(pattern.rowptr, pattern.col, grad, x)
         if ctx.needs_input_grad[2]:  # dL/dX = A^T dL/dY; A^T's values are the forward's, permuted by t_perm
             grad_x = spmm_raw(pattern.t_rowptr, pattern.t_col, values, grad, pattern.num_cols, pattern.t_perm)
-        return None, grad_values, grad_x, None, None
+        return None, grad_values, grad_x, None
 
 
 class _SDDMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor, headed: bool, result: Tensor | None = None) -> Tensor:
+    def forward(ctx, pattern: CSRPattern, a: Tensor, b: Tensor, headed: bool) -> Tensor:
         ctx.pattern, ctx.headed = pattern, headed
         ctx.save_for_backward(a, b)
-        if result is not None:  # computed by a fused kernel with this product's bits
-            return result
         _, sddmm_raw = _kernels(headed)
         return sddmm_raw(pattern.rowptr, pattern.col, a, b)
 
@@ -380,7 +385,7 @@ class _SDDMM(torch.autograd.Function):
             grad_a = spmm_raw(pattern.rowptr, pattern.col, grad, b, pattern.num_rows)
         if ctx.needs_input_grad[2]:  # dL/db_c = sum over column c of dL/dz_k a[r_k]
             grad_b = spmm_raw(pattern.t_rowptr, pattern.t_col, grad, a, pattern.num_cols, pattern.t_perm)
-        return None, grad_a, grad_b, None, None
+        return None, grad_a, grad_b, None
 
 
 def segment_reduce(src: Tensor, reduce: str, ptr: Tensor) -> Tensor:
@@ -411,10 +416,7 @@ def segment_broadcast(src: Tensor, ptr: Tensor, values: Tensor, op: str, *, out:
 
 class _SegmentSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, src: Tensor, ptr: Tensor, result: Tensor | None = None) -> Tensor:
-        if result is not None:  # computed by a fused kernel with this softmax's bits
-            ctx.save_for_backward(result, ptr)
-            return result
+    def forward(ctx, src: Tensor, ptr: Tensor) -> Tensor:
         # The same operations as torch_geometric.utils.softmax(src, ptr=ptr), so the values are bit for bit PyG's.
         src_max = segment_reduce(src, "max", ptr)
         src_max = torch.where(src_max.isinf(), 0, src_max)  # empty segments; they have no entry to shift
@@ -430,57 +432,87 @@ class _SegmentSoftmax(torch.autograd.Function):
         out, ptr = ctx.saved_tensors
         # d softmax: p * (g - sum_segment(p * g)), one pass instead of autograd's trip through every forward step.
         dot = segment_reduce(out * grad, "sum", ptr)
-        return segment_broadcast(grad, ptr, dot, "sub").mul_(out), None, None
+        return segment_broadcast(grad, ptr, dot, "sub").mul_(out), None
+
+
+class _RoutingStep(torch.autograd.Function):
+    """:func:`routing_step` as one autograd node: the compiled forward pass and the row-local part of the backward
+    pass, each one pass over every row, with the bits of :func:`sddmm`, :func:`segment_softmax` and :func:`spmm`
+    applied one after the other. ``b`` comes twice, as the product's operand and as the sampled product's, so that
+    its two gradients reach it in the order in which the three nodes' backward passes would deliver them (the
+    product's first)."""
+
+    @staticmethod
+    def forward(ctx, pattern: CSRPattern, a: Tensor, b_product: Tensor, b_sampled: Tensor) -> Tensor:
+        channels, nnz = a.size(0), pattern.nnz
+        logits, p, pulled = a.new_empty(channels, nnz), a.new_empty(channels, nnz), a.new_empty(a.shape)
+        for m in range(channels):
+            _ran(run_route_step(pattern.rowptr, pattern.col, a[m], b_product[m], logits[m], p[m], pulled[m]))
+        ctx.pattern = pattern
+        ctx.save_for_backward(a, b_product, p)
+        return pulled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, Tensor, Tensor]:
+        pattern: CSRPattern = ctx.pattern
+        a, b, p = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_logits, grad_a = p.new_empty(p.shape), a.new_empty(a.shape)
+        for m in range(a.size(0)):
+            _ran(run_route_step_backward(pattern.rowptr, pattern.col, b[m], p[m], grad[m], grad_logits[m], grad_a[m]))
+        # dL/db: the product's A^T (p) dL/dpulled, then the sampled product's A^T (dL/dlogits) a, as in their nodes.
+        grad_b_product = _spmm_raw(pattern.t_rowptr, pattern.t_col, p, grad, pattern.num_cols, pattern.t_perm)
+        grad_b_sampled = _spmm_raw(pattern.t_rowptr, pattern.t_col, grad_logits, a, pattern.num_cols, pattern.t_perm)
+        return None, grad_a, grad_b_product, grad_b_sampled
+
+
+def _ran(ran: bool) -> None:
+    if not ran:
+        raise RuntimeError("the compiled routing step refused operands that routing_step accepted")
 
 
 # --------------------------------------------------------------------------------------------------------- public
 
 
-def segment_softmax(src: Tensor, ptr: Tensor, *, result: Tensor | None = None) -> Tensor:
+def segment_softmax(src: Tensor, ptr: Tensor) -> Tensor:
     r"""Softmax over the contiguous segments ``ptr[s]..ptr[s+1]`` of dimension 0 (each CSR row's entries):
     :math:`p_k = \exp(z_k - \max_s z) / (\sum_{k' \in s} \exp(z_{k'} - \max_s z) + 10^{-16})`.
 
     The values are those of ``torch_geometric.utils.softmax(src, ptr=ptr)``; the backward is one fused pass
     :math:`\partial z_k = p_k (\partial p_k - \sum_{k' \in s} p_{k'} \partial p_{k'})` (the :math:`10^{-16}` that
     guards empty sums is left out of the derivative). ``src`` is ``[n]`` or ``[n, M]`` (one softmax per column).
-    ``result``: the softmax, already computed with these bits by a fused kernel (:func:`routing_step`), taken as
-    the value; the backward is the same.
     """
     ptr = ptr.long()
     if ptr.dim() != 1 or ptr.numel() < 1 or int(ptr[-1]) != src.size(0) or int(ptr[0]) != 0:
         raise ValueError(f"segment_softmax: ptr must run from 0 to {src.size(0)}, got {ptr.numel()} entries")
-    if result is not None and result.shape != src.shape:
-        raise ValueError(f"segment_softmax: result {tuple(result.shape)} for src {tuple(src.shape)}")
-    return _SegmentSoftmax.apply(src, ptr, result)
+    return _SegmentSoftmax.apply(src, ptr)
 
 
 
-def routing_step(pattern: CSRPattern, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(logits, p, pulled)`` of ``logits = sddmm(pattern, a, b)``, ``p`` the softmax of each channel's logits over
-    every row's entries (:func:`segment_softmax`) and ``pulled = spmm(pattern, p, b)``, for channel-major ``a [M, R,
-    d]`` and ``b [M, C, d]``: computed in one pass over each row by the compiled kernel
-    (:func:`~.native.run_route_step`), with those operations' bits, or ``None`` where it does not run. Plain tensors:
-    pass them to the three operations as ``result``, which keeps their autograd nodes and backward passes (GRCN's
-    prototype routing, :func:`~.refine.route_prototypes`)."""
-    if a.dim() != 3 or b.dim() != 3 or a.size(0) != b.size(0) or a.size(1) != pattern.num_rows:
-        return None
-    channels, nnz = a.size(0), pattern.nnz
-    logits, p = a.new_empty(channels, nnz), a.new_empty(channels, nnz)
-    pulled = a.new_empty(a.shape)
-    with torch.no_grad():
-        for m in range(channels):
-            if not run_route_step(pattern.rowptr, pattern.col, a[m], b[m], logits[m], p[m], pulled[m]):
-                return None
-    return logits, p, pulled
+def routing_step(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor | None:
+    """``spmm(pattern, p, b)`` with ``p`` the softmax over every row's entries (:func:`segment_softmax`, per channel)
+    of ``sddmm(pattern, a, b)``, for channel-major ``a [M, R, d]`` and ``b [M, C, d]``: one iteration of GRCN's
+    prototype routing (:func:`~.refine.route_prototypes`). Computed by the compiled kernels in one pass over each
+    row forward (each row of ``b`` gathered once for both sums) and one backward (:func:`~.native.run_route_step`),
+    with the bits of the three operations and of their gradients; ``None`` where those kernels do not run (then
+    apply the three)."""
+    fits = (
+        a.dim() == 3 and b.dim() == 3 and a.size(0) == b.size(0) and a.size(1) == pattern.num_rows
+        and b.size(1) == pattern.num_cols and a.size(2) == b.size(2) and a.is_contiguous() and b.is_contiguous()
+        and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
+        and pattern.rowptr.dtype == torch.int32 and a.size(2) % 8 == 0 and 0 < a.size(2) <= ROUTE_MAX_WIDTH
+        and native_kernels() is not None and route_step_status() == "native"
+    )
+    return _RoutingStep.apply(pattern, a, b, b) if fits else None
 
 
-def spmm(pattern: CSRPattern, values: Tensor, x: Tensor, *, result: Tensor | None = None) -> Tensor:
+def spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
     r"""Weighted sum over each row's entries: :math:`\mathbf{y}_r = \sum_{k \in \mathrm{row}(r)} w_k
     \mathbf{x}_{c_k}`, per channel when ``values`` is ``[M, nnz]`` and ``x`` is ``[M, C, d]`` (channel ``m``'s
     weights on channel ``m``'s features).
 
-    Differentiable in ``values`` and ``x``; returns ``[R, d]`` or ``[M, R, d]``. ``result``: the product, already
-    computed with these bits by a fused kernel (:func:`routing_step`), taken as the value; the backward is the same.
+    Differentiable in ``values`` and ``x``; returns ``[R, d]`` or ``[M, R, d]``.
     """
     channel_major = values.dim() == 2 and x.dim() == 3 and values.size(0) == x.size(0)
     if not (values.dim() == 1 and x.dim() == 2 or channel_major):
@@ -493,17 +525,12 @@ def spmm(pattern: CSRPattern, values: Tensor, x: Tensor, *, result: Tensor | Non
             f"spmm: pattern [{pattern.num_rows}, {pattern.num_cols}] with {pattern.nnz} entries, got values "
             f"{tuple(values.shape)} and features {tuple(x.shape)}"
         )
-    expected = (*values.shape[:-1], pattern.num_rows, x.size(-1))
-    if result is not None and tuple(result.shape) != expected:
-        raise ValueError(f"spmm: result {tuple(result.shape)}, expected {expected}")
-    return _SpMM.apply(pattern, values, x, False, result)
+    return _SpMM.apply(pattern, values, x, False)
 
 
-def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor, *, result: Tensor | None = None) -> Tensor:
+def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
     r"""One dot product per stored entry, :math:`z_k = \mathbf{a}_{r_k}^\top \mathbf{b}_{c_k}`, per channel for
-    ``[M, R, d]`` and ``[M, C, d]`` inputs. Differentiable in ``a`` and ``b``; returns ``[nnz]`` or ``[M, nnz]``.
-    ``result``: the products, already computed with these bits by a fused kernel (:func:`routing_step`), taken as
-    the value; the backward is the same."""
+    ``[M, R, d]`` and ``[M, C, d]`` inputs. Differentiable in ``a`` and ``b``; returns ``[nnz]`` or ``[M, nnz]``."""
     if a.dim() not in (2, 3) or a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2] or a.size(-1) != b.size(-1):
         raise ValueError(f"sddmm: inputs must be [n, d] or [M, n, d] alike, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.size(-2) != pattern.num_rows or b.size(-2) != pattern.num_cols:
@@ -511,10 +538,7 @@ def sddmm(pattern: CSRPattern, a: Tensor, b: Tensor, *, result: Tensor | None = 
             f"sddmm: pattern [{pattern.num_rows}, {pattern.num_cols}], got left {tuple(a.shape)} and right "
             f"{tuple(b.shape)}"
         )
-    expected = (*a.shape[:-2], pattern.nnz)
-    if result is not None and tuple(result.shape) != expected:
-        raise ValueError(f"sddmm: result {tuple(result.shape)}, expected {expected}")
-    return _SDDMM.apply(pattern, a, b, False, result)
+    return _SDDMM.apply(pattern, a, b, False)
 
 
 def _compiled_heads(pattern: CSRPattern, *tensors: Tensor) -> bool:
@@ -548,7 +572,7 @@ def headed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
                          f"got values {tuple(values.shape)} and features {tuple(x.shape)}")
     heads, width = x.size(1), x.size(2)
     if _compiled_heads(pattern, values, x):
-        return _SpMM.apply(pattern, values, x, True, None)
+        return _SpMM.apply(pattern, values, x, True)
     out = spmm(stack_pattern(pattern, heads), values.t().contiguous().view(-1),
                x.transpose(0, 1).contiguous().view(-1, width))
     return out.view(heads, pattern.num_rows, width).transpose(0, 1)
@@ -568,7 +592,7 @@ def headed_sddmm(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor:
                          f"{tuple(a.shape)} and right {tuple(b.shape)}")
     heads, width = a.size(1), a.size(2)
     if _compiled_heads(pattern, a, b):
-        return _SDDMM.apply(pattern, a, b, True, None)
+        return _SDDMM.apply(pattern, a, b, True)
     block = stack_pattern(pattern, heads)
     products = sddmm(block, a.transpose(0, 1).contiguous().view(-1, width),
                      b.transpose(0, 1).contiguous().view(-1, width))
