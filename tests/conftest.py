@@ -1,4 +1,5 @@
-"""Shared test helpers: where the real datasets live (``../shared/data`` beside the repository)."""
+"""Shared test helpers: where the real datasets live (``../shared/data`` beside the repository), and a clean slate
+for the compiled kernels' loader and checks."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def fresh_kernels():
+    """Forget the loaded compiled kernels and what their checks found, before and after the test (its monkeypatched
+    environment or checks decide what loads and runs)."""
+    from grcn_bench.models.layers import native
+
+    native.forget_loaded()
+    yield
+    native.forget_loaded()

@@ -22,13 +22,6 @@ needs_chained_mkl = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def fresh_probe():
-    native.forget_loaded()
-    yield
-    native.forget_loaded()
-
-
 def chained_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Each output element as fma(a[i, k], b[k, j], acc) for k = 0, 1, ... from 0: the exact product plus the
     accumulator in float64 (exact for the product; the sum rounds once there and once to float32)."""
@@ -247,7 +240,7 @@ def test_linear_errors():
 
 
 @needs_native
-def test_a_machine_whose_torch_sums_differently_keeps_torchs_products(fresh_probe, monkeypatch):
+def test_a_machine_whose_torch_sums_differently_keeps_torchs_products(fresh_kernels, monkeypatch):
     real = native._gemm
 
     def off_by_a_bit(library, a, b, out, bias, accumulate):
@@ -275,7 +268,7 @@ def test_a_machine_whose_torch_sums_differently_keeps_torchs_products(fresh_prob
     assert torch.equal(linear(x, weight[:, :64], bias), F.linear(x, weight[:, :64], bias))
 
 
-def test_without_native_kernels_the_dense_products_are_torchs(fresh_probe, monkeypatch):
+def test_without_native_kernels_the_dense_products_are_torchs(fresh_kernels, monkeypatch):
     with native.use_kernels("torch"):
         assert native.dense_products_status() == "GRCN_BENCH_KERNELS=torch"
         x, weight, _, _ = _linear_cases()

@@ -27,14 +27,6 @@ needs_torch_avx2 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def fresh_loader():
-    """Forget the loaded kernels before and after the test (its monkeypatched environment decides what loads)."""
-    native.forget_loaded()
-    yield
-    native.forget_loaded()
-
-
 def random_pattern(rows: int, cols: int, density: float, seed: int = 0) -> CSRPattern:
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, cols, generator=generator) < density
@@ -374,7 +366,7 @@ def test_headed_shape_errors():
 # ---------------------------------------------------------------------------------------------- choice and fallback
 
 
-def test_torch_kernels_on_request(fresh_loader, monkeypatch):
+def test_torch_kernels_on_request(fresh_kernels, monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "torch")
     assert native.native_kernels() is None and native.kernel_status() == "GRCN_BENCH_KERNELS=torch"
     pattern = random_pattern(10, 12, 0.3)
@@ -382,7 +374,7 @@ def test_torch_kernels_on_request(fresh_loader, monkeypatch):
     assert not native.run_spmm(pattern.rowptr, pattern.col, values, x, torch.empty(10, 8))
 
 
-def test_use_kernels_restores_the_previous_choice(fresh_loader, monkeypatch):
+def test_use_kernels_restores_the_previous_choice(fresh_kernels, monkeypatch):
     monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     with native.use_kernels("torch"):
         assert native.kernel_status() == "GRCN_BENCH_KERNELS=torch"
@@ -396,13 +388,13 @@ def test_use_kernels_restores_the_previous_choice(fresh_loader, monkeypatch):
             pass
 
 
-def test_a_wrong_switch_value_is_an_error(fresh_loader, monkeypatch):
+def test_a_wrong_switch_value_is_an_error(fresh_kernels, monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "fast")
     with pytest.raises(ValueError, match="GRCN_BENCH_KERNELS must be 'native' or 'torch', got 'fast'"):
         native.kernel_status()
 
 
-def test_other_machines_use_torchs_kernels(fresh_loader, monkeypatch):
+def test_other_machines_use_torchs_kernels(fresh_kernels, monkeypatch):
     monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert native.native_kernels() is None and "not an x86-64 CPU (aarch64)" in native.kernel_status()
@@ -412,7 +404,7 @@ def test_other_machines_use_torchs_kernels(fresh_loader, monkeypatch):
     assert native.native_kernels() is None and "lacks AVX2" in native.kernel_status()
 
 
-def test_no_compiler(fresh_loader, monkeypatch):
+def test_no_compiler(fresh_kernels, monkeypatch):
     monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
@@ -421,7 +413,7 @@ def test_no_compiler(fresh_loader, monkeypatch):
     assert native.native_kernels() is None and native.kernel_status() == "no C compiler found (set CC)"
 
 
-def test_a_failed_build_warns_and_falls_back_to_torch(fresh_loader, monkeypatch, tmp_path, caplog):
+def test_a_failed_build_warns_and_falls_back_to_torch(fresh_kernels, monkeypatch, tmp_path, caplog):
     monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
@@ -438,7 +430,7 @@ def test_a_failed_build_warns_and_falls_back_to_torch(fresh_loader, monkeypatch,
 
 
 @needs_native
-def test_the_build_is_kept_and_reused(fresh_loader, monkeypatch, tmp_path):
+def test_the_build_is_kept_and_reused(fresh_kernels, monkeypatch, tmp_path):
     monkeypatch.setenv("GRCN_BENCH_CACHE", str(tmp_path / "kernels"))
     assert native.native_kernels() is not None
     built = list((tmp_path / "kernels").iterdir())
@@ -569,7 +561,7 @@ def test_route_prototypes_is_the_same_fused_or_not(monkeypatch):
         assert torch.equal(_bits(mine), _bits(theirs))
 
 
-def test_a_routing_step_that_differs_is_not_used(fresh_loader, monkeypatch):
+def test_a_routing_step_that_differs_is_not_used(fresh_kernels, monkeypatch):
     monkeypatch.setattr(native, "_route_step", lambda: (False, "its bits differ from the unfused operations' here"))
     pattern, a, b = _routing_operands(40, 30, 16)
     assert not native.run_route_step(pattern.rowptr, pattern.col, a, b, torch.empty(pattern.nnz),
@@ -579,13 +571,14 @@ def test_a_routing_step_that_differs_is_not_used(fresh_loader, monkeypatch):
         assert "GRCN's routing: unfused (its bits differ" in native.kernel_status()
 
 
-def test_the_routing_step_needs_torchs_exp(fresh_loader, monkeypatch):
+@needs_native
+def test_the_routing_step_needs_torchs_exp(fresh_kernels, monkeypatch):
     monkeypatch.setattr(native, "_torch_exp", lambda: None)
-    if native.native_kernels() is not None:
-        assert native.route_step_status() == "MKL's vsExp not found in torch's library"
+    assert native.route_step_status() == "MKL's vsExp not found in torch's library"
+    assert "GRCN's routing: unfused (MKL's vsExp not found" in native.kernel_status()
 
 
-def test_the_routing_step_check_runs_under_no_grad(fresh_loader):
+def test_the_routing_step_check_runs_under_no_grad(fresh_kernels):
     """Its first use may be an evaluation's forward, under no_grad: the check still computes the unfused gradients."""
     with torch.no_grad():
         status = native.route_step_status()

@@ -33,13 +33,6 @@ needs_torch_mm_sums = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def fresh_probe():
-    native.forget_loaded()
-    yield
-    native.forget_loaded()
-
-
 def operands(rows: int, depth: int, num_items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(rows, depth, generator=generator), torch.randn(num_items, depth, generator=generator)
@@ -254,7 +247,7 @@ def test_compiled_scorer_returns_the_models_scores_and_maxima():
     assert isinstance(dot_scorer(model, Embeddings(emb.user.double(), emb.item.double()), 4), BufferedDotScores)
 
 
-def test_a_machine_whose_torch_mm_sums_otherwise_scores_with_numpy(fresh_probe, monkeypatch):
+def test_a_machine_whose_torch_mm_sums_otherwise_scores_with_numpy(fresh_kernels, monkeypatch):
     monkeypatch.setattr(native, "_dot_scores", lambda: (False, "torch.mm sums 64-deep products otherwise here"))
     model, emb, _ = _mf_embeddings()
     assert isinstance(dot_scorer(model, emb, 8), BufferedDotScores)
@@ -265,7 +258,7 @@ def test_a_machine_whose_torch_mm_sums_otherwise_scores_with_numpy(fresh_probe, 
     assert not native.run_dot_scores(users, packed, torch.empty(40, packed.size(0) * 16), torch.empty(40, 9))
 
 
-def test_without_native_kernels_ranking_scores_come_from_numpy(fresh_probe):
+def test_without_native_kernels_ranking_scores_come_from_numpy(fresh_kernels):
     model, emb, _ = _mf_embeddings()
     with native.use_kernels("torch"):
         assert native.dot_scores_status() == "GRCN_BENCH_KERNELS=torch"
@@ -281,7 +274,7 @@ class _TorchScore(MF):
 
 @needs_torch_mm_sums
 @pytest.mark.parametrize("name", ["mf", "grcn"])
-def test_evaluation_ranks_the_same_with_compiled_numpy_and_torch_scores(name, fresh_probe):
+def test_evaluation_ranks_the_same_with_compiled_numpy_and_torch_scores(name, fresh_kernels):
     """The compiled scores against torch.mm's through ``score_batch`` (the same bits: the same top lists) and against
     numpy's (last bits may differ; this data has no near ties that they reorder)."""
     dataset = load_dataset("synthetic:tiny")

@@ -122,6 +122,25 @@ static void *spmm_range(void *arg) {
   return 0;
 }
 
+/* a . b over width (a multiple of 8) as torch's AVX2 map2_reduce_all sums it: eight lanes over the width, then the
+ * two halves, the pairs and the neighbours of the lanes; torch writes 1 * dot + 0 * 0, which turns -0 into +0. */
+static inline __attribute__((always_inline)) float lane_dot(const float *a, const float *b, int64_t width) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+  for (int64_t j = 8; j < width; j += 8)
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
+  acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(acc, acc, 0x1));
+  acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0x4E));
+  acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0xB1));
+  return _mm256_cvtss_f32(acc) + 0.0f;
+}
+
+/* out[v] += weight * row[8v .. 8v + 8) for v < vectors <= 8, multiplying then adding (spmm's sum). */
+static inline __attribute__((always_inline)) void add_weighted_row(__m256 *out, float weight, const float *row,
+                                                                   int64_t vectors) {
+  const __m256 w = _mm256_set1_ps(weight);
+  for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_add_ps(out[v], _mm256_mul_ps(w, _mm256_loadu_ps(row + 8 * v)));
+}
+
 /* Each head's width is a positive multiple of 8 (native.py checks it: torch reduces other widths differently). */
 static void *sddmm_range(void *arg) {
   const range_job *job = arg;
@@ -129,18 +148,9 @@ static void *sddmm_range(void *arg) {
   FOR_EACH_ROW(job, row) {
     for (int64_t k = job->rowptr[row]; k < job->rowptr[row + 1]; ++k) {
       if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
-      for (int64_t head = 0; head < heads; ++head) {
-        const float *a = job->a + row * width + head * head_width;
-        const float *b = job->b + (int64_t)job->col[k] * width + head * head_width;
-        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-        for (int64_t j = 8; j < head_width; j += 8)
-          acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
-        acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(acc, acc, 0x1));
-        acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0x4E));
-        acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0xB1));
-        /* torch writes 1 * dot + 0 * 0, which turns -0 into +0 */
-        job->out[k * heads + head] = _mm256_cvtss_f32(acc) + 0.0f;
-      }
+      for (int64_t head = 0; head < heads; ++head)
+        job->out[k * heads + head] = lane_dot(job->a + row * width + head * head_width,
+                                              job->b + (int64_t)job->col[k] * width + head * head_width, head_width);
     }
   }
   return 0;
@@ -220,8 +230,13 @@ static void run_threads(void *(*kernel)(void *), void *job, int threads) {
   kernel(job);
 }
 
+/* No more threads than blocks of BLOCK rows. */
+static int row_threads(int64_t rows, int threads) {
+  return threads > (rows + BLOCK - 1) / BLOCK ? (int)((rows + BLOCK - 1) / BLOCK) : threads;
+}
+
 static void run_ranges(void *(*kernel)(void *), range_job whole, int64_t rows, int threads) {
-  if (threads > (rows + BLOCK - 1) / BLOCK) threads = (int)((rows + BLOCK - 1) / BLOCK);
+  threads = row_threads(rows, threads);
   int64_t next = 0;
   whole.end = rows;
   whole.next = &next;
@@ -570,14 +585,7 @@ static void *route_range(void *arg) {
     float max = -__builtin_inff();
     for (int64_t k = begin; k < end; ++k) {
       if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
-      const float *b = job->b + (int64_t)job->col[k] * width;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-      for (int64_t j = 8; j < width; j += 8)
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
-      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(acc, acc, 0x1));
-      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0x4E));
-      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0xB1));
-      const float logit = _mm256_cvtss_f32(acc) + 0.0f;
+      const float logit = lane_dot(a, job->b + (int64_t)job->col[k] * width, width);
       job->logits[k] = logit;
       max = (logit != logit) ? logit : (max < logit ? logit : max);
     }
@@ -590,11 +598,8 @@ static void *route_range(void *arg) {
     __m256 out[8];
     for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_setzero_ps();
     for (int64_t k = begin; k < end; ++k) {
-      const float weight = job->p[k] / sum;
-      job->p[k] = weight;
-      const __m256 w = _mm256_set1_ps(weight);
-      const float *b = job->b + (int64_t)job->col[k] * width;
-      for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_add_ps(out[v], _mm256_mul_ps(w, _mm256_loadu_ps(b + 8 * v)));
+      job->p[k] = job->p[k] / sum;
+      add_weighted_row(out, job->p[k], job->b + (int64_t)job->col[k] * width, vectors);
     }
     for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(job->pulled + row * width + 8 * v, out[v]);
   }
@@ -607,10 +612,9 @@ void grcn_bench_route_step_f32(const int32_t *rowptr, const int32_t *col, const 
   route_job whole = {.rowptr = rowptr, .col = col, .a = a, .b = b, .logits = logits, .p = p, .pulled = pulled,
                      .width = width, .nnz = rowptr[rows], .exp_rows = (exp_rows_fn)exp_rows};
   int64_t next = 0;
-  if (threads > (rows + BLOCK - 1) / BLOCK) threads = (int)((rows + BLOCK - 1) / BLOCK);
   whole.end = rows;
   whole.next = &next;
-  run_threads(route_range, &whole, threads);
+  run_threads(route_range, &whole, row_threads(rows, threads));
 }
 
 /* route step backward, the row-local part, in one pass over each row r: with g = dL/dpulled,
@@ -637,25 +641,15 @@ static void *route_back_range(void *arg) {
     float dot = 0.0f;
     for (int64_t k = begin; k < end; ++k) {
       if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
-      const float *b = job->b + (int64_t)job->col[k] * width;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(g), _mm256_loadu_ps(b));
-      for (int64_t j = 8; j < width; j += 8)
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(g + j), _mm256_loadu_ps(b + j)));
-      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(acc, acc, 0x1));
-      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0x4E));
-      acc = _mm256_add_ps(acc, _mm256_shuffle_ps(acc, acc, 0xB1));
-      const float g_p = _mm256_cvtss_f32(acc) + 0.0f;
+      const float g_p = lane_dot(g, job->b + (int64_t)job->col[k] * width, width);
       job->grad[k] = g_p;
       dot = dot + job->p[k] * g_p;
     }
     __m256 out[8];
     for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_setzero_ps();
     for (int64_t k = begin; k < end; ++k) {
-      const float weight = (job->grad[k] - dot) * job->p[k];
-      job->grad[k] = weight;
-      const __m256 w = _mm256_set1_ps(weight);
-      const float *b = job->b + (int64_t)job->col[k] * width;
-      for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_add_ps(out[v], _mm256_mul_ps(w, _mm256_loadu_ps(b + 8 * v)));
+      job->grad[k] = (job->grad[k] - dot) * job->p[k];
+      add_weighted_row(out, job->grad[k], job->b + (int64_t)job->col[k] * width, vectors);
     }
     for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(job->grad_a + row * width + 8 * v, out[v]);
   }
@@ -668,8 +662,7 @@ void grcn_bench_route_step_backward_f32(const int32_t *rowptr, const int32_t *co
   route_back_job whole = {.rowptr = rowptr, .col = col, .b = b, .p = p, .g = g, .grad = grad, .grad_a = grad_a,
                           .width = width, .nnz = rowptr[rows]};
   int64_t next = 0;
-  if (threads > (rows + BLOCK - 1) / BLOCK) threads = (int)((rows + BLOCK - 1) / BLOCK);
   whole.end = rows;
   whole.next = &next;
-  run_threads(route_back_range, &whole, threads);
+  run_threads(route_back_range, &whole, row_threads(rows, threads));
 }

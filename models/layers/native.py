@@ -66,10 +66,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SCORE_GROUP", "dense_products_status", "dot_scores_status", "forget_loaded", "gemm_tn_depth_fits",
-    "kernel_status", "native_kernels", "pack_score_items", "route_step_status", "run_column_copy", "run_dot_scores",
-    "run_gemm", "run_gemm_tn", "run_route_step", "run_route_step_backward", "run_sddmm", "run_segment_apply",
-    "run_segment_reduce", "run_spmm", "use_kernels",
+    "ROUTE_MAX_WIDTH", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_status", "forget_loaded",
+    "gemm_tn_depth_fits", "kernel_status", "native_kernels", "pack_score_items", "route_step_status",
+    "run_column_copy", "run_dot_scores", "run_gemm", "run_gemm_tn", "run_route_step", "run_route_step_backward",
+    "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "score_chain", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
