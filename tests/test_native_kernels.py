@@ -125,6 +125,98 @@ def test_threads_split_rows_without_changing_a_bit(threads, monkeypatch):
         torch.set_num_threads(previous)
 
 
+def _pushed_operands(pattern: CSRPattern, channels: int, width: int, seed: int = 11):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(channels, pattern.nnz, generator=generator)
+    x = torch.randn(channels, pattern.num_rows, width, generator=generator)
+    values[:, ::7] = -0.0  # -0 weights on positive, negative and zero terms: every sign of zero
+    x[:, 1::5] = 0.0
+    values[-1, 3], x[0, -1, 0] = float("inf"), float("nan")
+    return values, x
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN where the other has NaN (x86 keeps one operand's NaN, and which one is the compiler's choice), the same bits
+    everywhere else, the sign of zero included."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(_bits(a)[~nan], _bits(b)[~nan])
+
+
+def pulled_transpose(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The transpose's product channel by channel: each column's entries in the transpose's order, as ordered_spmm."""
+    transpose = pattern.transpose()
+    return torch.stack([ordered_spmm(transpose, channel_values[pattern.t_perm], channel_x)
+                        for channel_values, channel_x in zip(values, x, strict=True)])
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("channels", "width"), [(1, 16), (2, 1), (3, 13), (4, 16), (5, 24)])
+def test_pushed_transpose_is_the_pulled_one_bit_for_bit(channels, width, threads, monkeypatch):
+    monkeypatch.setattr(native, "THREADED_ABOVE", 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pattern = random_pattern(60, 80, 0.15, seed=8)  # an empty row, a full row, columns of every length
+        values, x = _pushed_operands(pattern, channels, width)
+        out = torch.full((channels, pattern.num_cols, width), float("nan"))
+        assert native.run_spmm_pushed(pattern.rowptr, pattern.col, values, x, out)
+        expected = pulled_transpose(pattern, values, x)
+        assert same_bits(out, expected)
+        pulled = torch.empty(pattern.num_cols, width)
+        for m in range(channels):  # and the compiled pull that it replaces
+            assert native.run_spmm(pattern.t_rowptr, pattern.t_col, values[m], x[m], pulled, value_order=pattern.t_perm)
+            assert same_bits(out[m], pulled)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
+def test_pushed_transpose_refusals_write_nothing():
+    pattern = random_pattern(20, 30, 0.2, seed=9)
+    values, x = _pushed_operands(pattern, 2, 8)
+    out = torch.full((2, pattern.num_cols, 8), 7.0)
+    # the same rows, stored from entry 1 on behind one unused entry
+    offset_rowptr, padded_col = pattern.rowptr + 1, torch.cat([pattern.col[:1], pattern.col])
+    refused = [
+        (pattern.rowptr.long(), pattern.col, values, x, out),  # int64 indices
+        (pattern.rowptr, pattern.col, values.double(), x.double(), out.double()),
+        (pattern.rowptr, pattern.col, values[:1], x, out),  # channels differ
+        (pattern.rowptr, pattern.col, values[:, :-1], x, out),  # a weight short
+        (pattern.rowptr, pattern.col, values, x[:, :-1], out),  # rows differ
+        (pattern.rowptr, pattern.col, values, x, out[:, :, :4]),  # widths differ
+        (pattern.rowptr, pattern.col, values, x.transpose(1, 2).contiguous().transpose(1, 2), out),
+        (offset_rowptr, padded_col, torch.randn(2, pattern.nnz + 1), x, out),
+    ]
+    for operands in refused:
+        assert not native.run_spmm_pushed(*operands)
+        assert bool((out == 7.0).all())
+
+
+@needs_native
+@pytest.mark.parametrize("width", [16, 24])
+def test_narrow_channels_push_their_transposed_products(width, monkeypatch):
+    pattern = random_pattern(70, 90, 0.1, seed=10)
+    generator = torch.Generator().manual_seed(12)
+    values = torch.randn(4, pattern.nnz, generator=generator)
+    x = torch.randn(4, pattern.num_cols, width, generator=generator)
+    a = torch.randn(4, pattern.num_rows, width, generator=generator)
+    pushes = []
+    real_push = sparse.run_spmm_pushed
+    monkeypatch.setattr(sparse, "run_spmm_pushed", lambda *args: pushes.append(1) or real_push(*args))
+    results, pushed_width = [], sparse.PUSH_MAX_WIDTH
+    for push_max_width in (pushed_width, 0):
+        monkeypatch.setattr(sparse, "PUSH_MAX_WIDTH", push_max_width)
+        leaves = [t.clone().requires_grad_() for t in (values, x, a)]
+        (sparse.spmm(pattern, leaves[0], leaves[1]).square().sum()
+         + sparse.sddmm(pattern, leaves[2], leaves[1]).sin().sum()).backward()
+        results.append([leaf.grad for leaf in leaves])
+    # pushed once per product (dL/dx, dL/db) where the width allows and the channels share out among the threads
+    assert len(pushes) == (2 if width <= pushed_width and 4 % torch.get_num_threads() == 0 else 0)
+    for pushed, pulled in zip(*results, strict=True):
+        assert torch.equal(pushed, pulled)
+
+
 @needs_native
 def test_no_entries_and_no_rows():
     empty = CSRPattern.from_coo(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), 4, 6)

@@ -29,6 +29,7 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from grcn_bench.models import get_model, register_model, unregister_model
 from grcn_bench.models.base import Embeddings, Recommender
 from grcn_bench.models.layers import sparse
+from grcn_bench.models.layers.field import receptive_field
 from grcn_bench.models.layers.native import kernel_status as native_status
 from grcn_bench.models.layers.refine import RefinedPropagation, l2_normalize
 from grcn_bench.models.layers.sparse import (
@@ -270,6 +271,19 @@ def test_every_pattern_and_transpose_satisfies_torchs_csr_invariants(name):
         ):
             values = torch.ones(col.numel())
             torch.sparse_csr_tensor(rowptr, col, values, size, check_invariants=True)  # raises when violated
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_every_transpose_lists_a_columns_entries_in_row_order(name):
+    # What the pushed transposed products rely on (sparse._transposed_spmm_raw): within each row of the transpose the
+    # forward's entries come in increasing order (of row, then storage).
+    pattern = PATTERNS[name]()
+    field = receptive_field(small_graph(), torch.tensor([0, 6, 9]), 2)
+    for candidate in (pattern, stack_pattern(pattern, 3), *field.patterns):
+        order = candidate.t_perm
+        column_start = torch.zeros(candidate.nnz, dtype=torch.bool)
+        column_start[candidate.t_rowptr[:-1].long().clamp(max=max(candidate.nnz - 1, 0))] = True
+        assert bool(((order[1:] > order[:-1]) | column_start[1:]).all())
 
 
 def test_graph_patterns_are_the_graphs_edges():

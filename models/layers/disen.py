@@ -15,7 +15,7 @@ from .content import reset_xavier, xavier_linear
 from .dense import RowSubset, linear
 from .edge_ops import l2_normalize
 from .field import FieldLayer, gather_columns, scatter_columns_
-from .sparse import CSRPattern, sddmm, spmm, stack_pattern
+from .sparse import CSRPattern, sddmm, spmm
 
 
 class _ChannelSoftmaxAtGraphPositions(torch.autograd.Function):
@@ -70,13 +70,14 @@ class NeighRoutingConv(MessagePassing):
     Shapes:
         - **input:** node features ``[N, in]``, ``edge_index [2, E]`` (row 0 source, row 1 target), and optionally
           ``pattern``, the graph's :func:`~.sparse.graph_pattern`: then each routing step runs as one sampled
-          product (the agreements, all channels at once) and one sparse product (the routed sums) over the
-          channel-major block pattern of :func:`~.sparse.stack_pattern` (:func:`~.sparse.sddmm`,
-          :func:`~.sparse.spmm`), instead of PyG's ``[E, K, channel_dim]`` gathers, which stay as the reference
-          path. At Tiktok scale one training batch of the 2-layer model measured about 5.5 s on 2 cores with a
-          node-major channel pattern rebuilt at every forward and a softmax over the last dimension of ``[E, K]``,
-          about 3.5 s this way; about half of it is the 36 sparse products (forward and backward) that the routing
-          needs.
+          product (the agreements, all channels at once) and one sparse product (the routed sums) with
+          channel-major operands ``[K, N, channel_dim]`` (:func:`~.sparse.sddmm`, :func:`~.sparse.spmm`; their
+          transposed products in the backward pass run pushed along the rows, one channel per thread), instead of
+          PyG's ``[E, K, channel_dim]`` gathers, which stay as the reference path. At Tiktok scale one training
+          batch of the 2-layer model measured about 5.5 s on 2 cores with a node-major channel pattern rebuilt at
+          every forward and a softmax over the last dimension of ``[E, K]``, about 3.5 s this way (before the
+          receptive field and the compiled kernels); about half of it was the 36 sparse products (forward and
+          backward) that the routing needs.
         - **output:** ``[N, K * channel_dim]`` (and, with ``return_probabilities``, ``p`` of the last iteration
           ``[E, K]`` in edge order, zeros when ``iterations`` is 0).
     """
@@ -131,20 +132,19 @@ class NeighRoutingConv(MessagePassing):
 
     def _route_sparse(self, z: Tensor, pattern: CSRPattern) -> tuple[Tensor, Tensor]:
         """The same sums as the reference path, channel-major: each step is one sampled product (the agreements,
-        ``[K, E]``) and one sparse product (the routed sum) over :func:`~.sparse.stack_pattern`'s block pattern,
-        with no ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic."""
+        ``[K, E]``) and one sparse product (the routed sum), channel by channel over the graph's pattern, with no
+        ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic."""
         k, d = self.num_channels, self.channel_dim
-        block = stack_pattern(pattern, k)
-        z_k = z.transpose(0, 1).contiguous()  # [K, N, d]: channel k's nodes are block k of the product's operand
-        z_flat = z_k.view(-1, d)
+        z_k = z.transpose(0, 1).contiguous()  # [K, N, d]: channel k's nodes
+        z_products = z_k.view(k, -1, d)  # the products' operand, one view (see _route_field)
         c = z_k
         p = z.new_zeros(k, pattern.nnz) if self.iterations == 0 else None  # else the last iteration's
         for _ in range(self.iterations):
-            agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, E]
+            agreement = sddmm(pattern, c.reshape(k, -1, d), z_products)  # [K, E]
             if self.tau != 1.0:  # dividing by 1 changes nothing: skip an [K, E] pass
                 agreement = agreement / self.tau
             p = torch.softmax(agreement, dim=0)  # over channels, per edge
-            routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
+            routed = spmm(pattern, p, z_products)
             c = l2_normalize(z_k + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)
         return out, p.t()
@@ -167,9 +167,8 @@ class NeighRoutingConv(MessagePassing):
         """
         k, d = self.num_channels, self.channel_dim
         pattern = field.pattern
-        block = stack_pattern(pattern, k)
-        z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes are block k of the product's operand
-        z_flat = z_k.view(-1, d)
+        z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes
+        z_products = z_k.view(k, -1, d)
         own_rows = (torch.arange(k, device=z.device).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
         # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_flat: their uses'
         # gradients add up here in the order in which they reach z_k in the whole layer, ahead of the products'.
@@ -179,11 +178,11 @@ class NeighRoutingConv(MessagePassing):
         p = z.new_zeros(k, pattern.nnz) if self.iterations == 0 else None  # else the last iteration's
         whole = z.new_zeros(k, field.num_edges)  # the softmax's scratch, shared by the iterations
         for _ in range(self.iterations):
-            agreement = sddmm(block, c.reshape(-1, d), z_flat).view(k, -1)  # [K, nnz]
+            agreement = sddmm(pattern, c.reshape(k, -1, d), z_products)  # [K, nnz]
             if self.tau != 1.0:
                 agreement = agreement / self.tau
             p = _ChannelSoftmaxAtGraphPositions.apply(agreement, field.edges, whole)
-            routed = spmm(block, p.view(-1), z_flat).view(k, -1, d)
+            routed = spmm(pattern, p, z_products)
             c = l2_normalize(own + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)
         return out, p.t()

@@ -16,6 +16,8 @@
  *        32 consecutive items (dot_scores, below).
  * columns: whole[r, index[c]] = part[r, c] (scatter) or part[r, c] = whole[r, index[c]] (gather), copies between a
  *        receptive field's entries and their positions in the whole graph.
+ * pushed spmm: the transposed product out[c, :] = sum over column c's entries of w_k x[r_k, :], computed by walking
+ *        the forward's rows (spmm_pushed, below).
  * routing step: sddmm, the softmax over each row's entries and spmm with those weights, in one pass over each row
  *        (GRCN's prototype routing, route_step below), and the row-local part of its backward in one pass too.
  *
@@ -35,6 +37,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define PREFETCH 16   /* entries ahead: 8-32 measured within a few percent of each other, 0 about 1.8x slower */
 #define BLOCK 64      /* rows a thread takes at a time: the threads move through the rows together */
@@ -248,6 +251,58 @@ void grcn_bench_spmm_f32(const int32_t *rowptr, const int32_t *col, const float 
   range_job whole = {.rowptr = rowptr, .col = col, .values = values, .b = x, .order = order, .out = out,
                      .width = width, .nnz = rowptr[rows], .heads = heads};
   run_ranges(spmm_range, whole, rows, threads);
+}
+
+/* transposed spmm, pushed: out[m] = A^T (values[m] on the pattern) x[m] for each channel m, out[m, c, :] = sum over
+ * the entries k in column c of values[m, k] * x[m, r_k, :]. The pull (spmm over the transpose's pattern, reading
+ * values through the order) waits on two scattered reads per entry, a row of x and its weight; this pass walks the
+ * forward's rows in order and adds each entry's term into its column's output row, one scattered read-modify-write
+ * per entry, with the weights read in order. Each column's terms arrive in the order of their rows, the order in
+ * which the transpose lists them (sparse.py's patterns keep it: CSRPattern), and each addition is the pull's
+ * acc + w * x from +0, so the sums are the pull's, bit for bit. A channel's columns belong to the thread that took
+ * the channel, so no two threads write one row: channels are handed out one at a time. */
+typedef struct {
+  const int32_t *rowptr, *col;
+  const float *values, *x;
+  float *out;
+  int64_t rows, cols, nnz, width, channels;
+  int64_t *next;
+} push_job;
+
+static void push_channel(const push_job *job, int64_t m) {
+  const int64_t width = job->width, vector_end = width / 8 * 8, cache_lines = (width + 15) / 16, nnz = job->nnz;
+  const float *values = job->values + m * nnz, *x = job->x + m * job->rows * width;
+  float *out = job->out + m * job->cols * width;
+  memset(out, 0, (size_t)(job->cols * width) * sizeof(float));
+  for (int64_t r = 0; r < job->rows; ++r) {
+    const float *term = x + r * width;
+    for (int64_t k = job->rowptr[r]; k < job->rowptr[r + 1]; ++k) {
+      if (k + PREFETCH < nnz) prefetch_row(out + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
+      float *o = out + (int64_t)job->col[k] * width;
+      const float weight = values[k];
+      const __m256 w = _mm256_set1_ps(weight);
+      for (int64_t j = 0; j < vector_end; j += 8)
+        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), _mm256_mul_ps(w, _mm256_loadu_ps(term + j))));
+      for (int64_t j = vector_end; j < width; ++j) o[j] = o[j] + weight * term[j];
+    }
+  }
+}
+
+static void *push_range(void *arg) {
+  const push_job *job = arg;
+  for (int64_t m = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED); m < job->channels;
+       m = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED))
+    push_channel(job, m);
+  return 0;
+}
+
+void grcn_bench_spmm_pushed_f32(const int32_t *rowptr, const int32_t *col, const float *values, const float *x,
+                                float *out, int64_t rows, int64_t cols, int64_t width, int64_t channels,
+                                int threads) {
+  int64_t next = 0;
+  push_job job = {.rowptr = rowptr, .col = col, .values = values, .x = x, .out = out, .rows = rows, .cols = cols,
+                  .nnz = rowptr[rows], .width = width, .channels = channels, .next = &next};
+  run_threads(push_range, &job, threads < channels ? threads : (int)channels);
 }
 
 void grcn_bench_sddmm_f32(const int32_t *rowptr, const int32_t *col, const float *a, const float *b, float *out,

@@ -69,7 +69,8 @@ __all__ = [
     "ROUTE_MAX_WIDTH", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_status", "forget_loaded",
     "gemm_tn_depth_fits", "kernel_status", "native_kernels", "pack_score_items", "route_step_status",
     "run_column_copy", "run_dot_scores", "run_gemm", "run_gemm_tn", "run_route_step", "run_route_step_backward",
-    "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "score_chain", "use_kernels",
+    "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "run_spmm_pushed", "score_chain",
+    "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     sizes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]  # rows, width, heads, threads
     library.grcn_bench_spmm_f32.argtypes = [ctypes.c_void_p] * 6 + sizes
     library.grcn_bench_sddmm_f32.argtypes = [ctypes.c_void_p] * 5 + sizes
+    # rowptr, col, values, x, out, rows, cols, width, channels, threads
+    library.grcn_bench_spmm_pushed_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     library.grcn_bench_segment_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                                                          ctypes.c_int]
     # a, lda, b, bias, out, rows, depth, width, accumulate, threads
@@ -162,7 +165,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # users, ldu, items, out, ldo, group_max, rows, depth, chain, panels, groups, threads
     library.grcn_bench_dot_scores_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_segment_f32,
+    for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_spmm_pushed_f32,
+                   library.grcn_bench_segment_f32,
                    library.grcn_bench_segment_apply_f32, library.grcn_bench_gemm_f32,
                    library.grcn_bench_dot_scores_f32):
         kernel.restype = None
@@ -256,6 +260,26 @@ def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor
     order = ctypes.c_void_p(None) if value_order is None else _pointer(value_order)
     library.grcn_bench_spmm_f32(_pointer(rowptr), _pointer(col), _pointer(values), order, _pointer(x), _pointer(out),
                                 rows, width, heads, _threads(col.numel() * width))
+    return True
+
+
+def run_spmm_pushed(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor) -> bool:
+    """``out[m] = A^T x[m]`` with channel ``m``'s weights ``values[m]``, for the pattern ``(rowptr, col)`` of ``A``
+    (``[R, C]``), ``values [M, nnz]``, ``x [M, R, d]`` and ``out [M, C, d]``: the sums of :func:`run_spmm` over the
+    transpose's pattern, bit for bit, where the transpose lists each column's entries in the order of their rows (as
+    every :class:`~.sparse.CSRPattern` does), computed by walking ``A``'s rows; one thread per channel. ``False``
+    (nothing written) unless the kernels are loaded and the operands qualify (float32 CPU, int32 indices, contiguous,
+    matching shapes, every stored entry in a row)."""
+    library = native_kernels()
+    if (library is None or values.dim() != 2 or x.dim() != 3 or out.dim() != 3 or x.size(0) != values.size(0)
+            or out.shape != (x.size(0), out.size(1), x.size(2)) or values.size(1) != col.numel()
+            or not _eligible(rowptr, col, x.size(1), values, x, out)
+            or int(rowptr[0]) != 0 or int(rowptr[-1]) != col.numel()):
+        return False
+    channels, rows, width = x.shape
+    library.grcn_bench_spmm_pushed_f32(_pointer(rowptr), _pointer(col), _pointer(values), _pointer(x), _pointer(out),
+                                       rows, out.size(1), width, channels,
+                                       min(channels, _threads(col.numel() * width * channels)))
     return True
 
 
