@@ -170,7 +170,7 @@ class NeighRoutingConv(MessagePassing):
         z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes
         z_products = z_k.view(k, -1, d)
         own_rows = (torch.arange(k, device=z.device).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
-        # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_flat: their uses'
+        # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_products: their uses'
         # gradients add up here in the order in which they reach z_k in the whole layer, ahead of the products'.
         # (Rows of the flat view: its backward scatters rows, several times as fast as one along the middle dimension.)
         own = z_k.view(-1, d).index_select(0, own_rows).view(k, -1, d)
