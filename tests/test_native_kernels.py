@@ -4,6 +4,7 @@ they fall back to torch's kernels, and the build cache."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -34,6 +35,16 @@ def random_pattern(rows: int, cols: int, density: float, seed: int = 0) -> CSRPa
     mask[-1] = True
     row, col = mask.nonzero(as_tuple=True)
     return CSRPattern.from_coo(row, col, rows, cols)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def ordered_spmm(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +120,7 @@ def test_sddmm_is_the_lane_sum_bit_for_bit(width):
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_threads_split_rows_without_changing_a_bit(threads, monkeypatch):
     monkeypatch.setattr(native, "THREADED_ABOVE", 0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         # rows in many blocks of 64 (threads take them from a shared counter), and fewer rows than threads
         for pattern in (random_pattern(700, 30, 0.2, seed=2), random_pattern(3, 5, 0.5, seed=3)):
             values, x, a = _operands(pattern, 16)
@@ -121,8 +130,6 @@ def test_threads_split_rows_without_changing_a_bit(threads, monkeypatch):
             dots = torch.empty(pattern.nnz)
             assert native.run_sddmm(pattern.rowptr, pattern.col, a, x, dots)
             assert torch.equal(dots, lane_sddmm(pattern, a, x))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _pushed_operands(pattern: CSRPattern, channels: int, width: int, seed: int = 11):
@@ -154,9 +161,7 @@ def pulled_transpose(pattern: CSRPattern, values: torch.Tensor, x: torch.Tensor)
 @pytest.mark.parametrize(("channels", "width"), [(1, 16), (2, 1), (3, 13), (4, 16), (5, 24)])
 def test_pushed_transpose_is_the_pulled_one_bit_for_bit(channels, width, threads, monkeypatch):
     monkeypatch.setattr(native, "THREADED_ABOVE", 0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         pattern = random_pattern(60, 80, 0.15, seed=8)  # an empty row, a full row, columns of every length
         values, x = _pushed_operands(pattern, channels, width)
         out = torch.full((channels, pattern.num_cols, width), float("nan"))
@@ -167,8 +172,6 @@ def test_pushed_transpose_is_the_pulled_one_bit_for_bit(channels, width, threads
         for m in range(channels):  # and the compiled pull that it replaces
             assert native.run_spmm(pattern.t_rowptr, pattern.t_col, values[m], x[m], pulled, value_order=pattern.t_perm)
             assert same_bits(out[m], pulled)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_native
@@ -194,6 +197,48 @@ def test_pushed_transpose_refusals_write_nothing():
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("channels", "width"), [(1, 8), (2, 16), (4, 16), (3, 8)])
+def test_sampled_backward_in_one_walk_is_its_two_products_bit_for_bit(channels, width, threads, monkeypatch):
+    monkeypatch.setattr(native, "THREADED_ABOVE", 0)
+    with torch_threads(threads):
+        pattern = random_pattern(60, 80, 0.15, seed=13)
+        grad, a = _pushed_operands(pattern, channels, width)
+        b = torch.randn(channels, pattern.num_cols, width, generator=torch.Generator().manual_seed(14))
+        b[:, ::3] = -0.0
+        grad_a = torch.full_like(a, float("nan"))
+        grad_b = torch.full_like(b, float("nan"))
+        assert native.run_sddmm_backward_pushed(pattern.rowptr, pattern.col, grad, a, b, grad_a, grad_b)
+        for m in range(channels):
+            assert same_bits(grad_a[m], ordered_spmm(pattern, grad[m], b[m]))  # the row-local product
+        assert same_bits(grad_b, pulled_transpose(pattern, grad, a))  # and the transposed one
+
+
+@needs_native
+def test_sampled_backward_in_one_walk_refusals_write_nothing():
+    pattern = random_pattern(20, 30, 0.2, seed=9)
+    grad, a = _pushed_operands(pattern, 2, 16)
+    b = torch.randn(2, pattern.num_cols, 16)
+    grad_a, grad_b = torch.full_like(a, 7.0), torch.full_like(b, 7.0)
+    narrow = _pushed_operands(pattern, 2, 13)[1]
+    refused = [
+        (grad, narrow, torch.randn(2, pattern.num_cols, 13)),  # a width the kernel does not take
+        (grad, a.double(), b.double()),
+        (grad[:1], a, b),
+        (grad[:, :-1], a, b),
+        (grad, a, b[:1]),
+        (grad, a, b[:, :, :8]),
+        (grad, a[:, :-1], b),
+        (grad, a.transpose(1, 2).contiguous().transpose(1, 2), b),
+    ]
+    for operands in refused:
+        assert not native.run_sddmm_backward_pushed(pattern.rowptr, pattern.col, *operands, grad_a, grad_b)
+    assert not native.run_sddmm_backward_pushed(pattern.rowptr.long(), pattern.col, grad, a, b, grad_a, grad_b)
+    assert not native.run_sddmm_backward_pushed(pattern.rowptr, pattern.col, grad, a, b, grad_a[:, :-1], grad_b)
+    assert bool((grad_a == 7.0).all()) and bool((grad_b == 7.0).all())
+
+
+@needs_native
 @pytest.mark.parametrize("width", [16, 24])
 def test_narrow_channels_push_their_transposed_products(width, monkeypatch):
     pattern = random_pattern(70, 90, 0.1, seed=10)
@@ -202,8 +247,9 @@ def test_narrow_channels_push_their_transposed_products(width, monkeypatch):
     x = torch.randn(4, pattern.num_cols, width, generator=generator)
     a = torch.randn(4, pattern.num_rows, width, generator=generator)
     pushes = []
-    real_push = sparse.run_spmm_pushed
-    monkeypatch.setattr(sparse, "run_spmm_pushed", lambda *args: pushes.append(1) or real_push(*args))
+    for name in ("run_spmm_pushed", "run_sddmm_backward_pushed"):
+        real = getattr(sparse, name)
+        monkeypatch.setattr(sparse, name, lambda *args, real=real, name=name: pushes.append(name) or real(*args))
     results, pushed_width = [], sparse.PUSH_MAX_WIDTH
     for push_max_width in (pushed_width, 0):
         monkeypatch.setattr(sparse, "PUSH_MAX_WIDTH", push_max_width)
@@ -211,8 +257,10 @@ def test_narrow_channels_push_their_transposed_products(width, monkeypatch):
         (sparse.spmm(pattern, leaves[0], leaves[1]).square().sum()
          + sparse.sddmm(pattern, leaves[2], leaves[1]).sin().sum()).backward()
         results.append([leaf.grad for leaf in leaves])
-    # pushed once per product (dL/dx, dL/db) where the width allows and the channels share out among the threads
-    assert len(pushes) == (2 if width <= pushed_width and 4 % torch.get_num_threads() == 0 else 0)
+    # pushed where the width allows and the channels share out among the threads: the product's dL/dx, and the
+    # sampled product's two gradients in one walk
+    expected = ["run_sddmm_backward_pushed", "run_spmm_pushed"]
+    assert sorted(pushes) == (expected if width <= pushed_width and 4 % torch.get_num_threads() == 0 else [])
     for pushed, pulled in zip(*results, strict=True):
         assert torch.equal(pushed, pulled)
 

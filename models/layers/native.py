@@ -69,8 +69,8 @@ __all__ = [
     "ROUTE_MAX_WIDTH", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_status", "forget_loaded",
     "gemm_tn_depth_fits", "kernel_status", "native_kernels", "pack_score_items", "route_step_status",
     "run_column_copy", "run_dot_scores", "run_gemm", "run_gemm_tn", "run_route_step", "run_route_step_backward",
-    "run_sddmm", "run_segment_apply", "run_segment_reduce", "run_spmm", "run_spmm_pushed", "score_chain",
-    "use_kernels",
+    "run_sddmm", "run_sddmm_backward_pushed", "run_segment_apply", "run_segment_reduce", "run_spmm",
+    "run_spmm_pushed", "score_chain", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_sddmm_f32.argtypes = [ctypes.c_void_p] * 5 + sizes
     # rowptr, col, values, x, out, rows, cols, width, channels, threads
     library.grcn_bench_spmm_pushed_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    # rowptr, col, grad, a, b, grad_a, grad_b, rows, cols, width, channels, threads
+    library.grcn_bench_sddmm_backward_pushed_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [
+        ctypes.c_int]
     library.grcn_bench_segment_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                                                          ctypes.c_int]
     # a, lda, b, bias, out, rows, depth, width, accumulate, threads
@@ -166,7 +169,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_dot_scores_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     for kernel in (library.grcn_bench_spmm_f32, library.grcn_bench_sddmm_f32, library.grcn_bench_spmm_pushed_f32,
-                   library.grcn_bench_segment_f32,
+                   library.grcn_bench_sddmm_backward_pushed_f32, library.grcn_bench_segment_f32,
                    library.grcn_bench_segment_apply_f32, library.grcn_bench_gemm_f32,
                    library.grcn_bench_dot_scores_f32):
         kernel.restype = None
@@ -280,6 +283,32 @@ def run_spmm_pushed(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out:
     library.grcn_bench_spmm_pushed_f32(_pointer(rowptr), _pointer(col), _pointer(values), _pointer(x), _pointer(out),
                                        rows, out.size(1), width, channels,
                                        min(channels, _threads(col.numel() * width * channels)))
+    return True
+
+
+#: The channel widths of :func:`run_sddmm_backward_pushed` (the kernel keeps a row in at most two vectors).
+BACKWARD_PUSHED_WIDTHS = (8, 16)
+
+
+def run_sddmm_backward_pushed(rowptr: Tensor, col: Tensor, grad: Tensor, a: Tensor, b: Tensor, grad_a: Tensor,
+                              grad_b: Tensor) -> bool:
+    """Both gradients of the sampled product ``z[m, k] = a[m, r_k] . b[m, col_k]`` per channel, in one walk over the
+    rows: ``grad_a`` the product of the rows with weights ``grad [M, nnz]`` (:func:`run_spmm`'s sums) and ``grad_b``
+    the transposed one, pushed (:func:`run_spmm_pushed`'s sums; the same condition on the pattern). ``a [M, R, d]``,
+    ``b [M, C, d]`` with ``d`` in :data:`BACKWARD_PUSHED_WIDTHS`, one thread per channel; ``False`` (nothing written)
+    unless the kernels are loaded and the operands qualify (float32 CPU, int32 indices, contiguous, matching shapes,
+    every stored entry in a row)."""
+    library = native_kernels()
+    if (library is None or grad.dim() != 2 or a.dim() != 3 or b.dim() != 3 or a.size(0) != b.size(0)
+            or a.size(2) != b.size(2) or a.size(2) not in BACKWARD_PUSHED_WIDTHS
+            or grad.shape != (a.size(0), col.numel()) or grad_a.shape != a.shape or grad_b.shape != b.shape
+            or not _eligible(rowptr, col, a.size(1), grad, a, b, grad_a, grad_b)
+            or int(rowptr[0]) != 0 or int(rowptr[-1]) != col.numel()):
+        return False
+    channels, rows, width = a.shape
+    library.grcn_bench_sddmm_backward_pushed_f32(
+        _pointer(rowptr), _pointer(col), _pointer(grad), _pointer(a), _pointer(b), _pointer(grad_a), _pointer(grad_b),
+        rows, b.size(1), width, channels, min(channels, _threads(col.numel() * width * channels)))
     return True
 
 
