@@ -17,7 +17,8 @@
  * columns: whole[r, index[c]] = part[r, c] (scatter) or part[r, c] = whole[r, index[c]] (gather), copies between a
  *        receptive field's entries and their positions in the whole graph.
  * pushed spmm: the transposed product out[c, :] = sum over column c's entries of w_k x[r_k, :], computed by walking
- *        the forward's rows (spmm_pushed, below).
+ *        the forward's rows (spmm_pushed, below); and a sampled product's two gradients in one such walk
+ *        (sddmm_backward_pushed, below).
  * routing step: sddmm, the softmax over each row's entries and spmm with those weights, in one pass over each row
  *        (GRCN's prototype routing, route_step below), and the row-local part of its backward in one pass too.
  *
@@ -685,17 +686,37 @@ typedef struct {
   exp_rows_fn exp_rows;
 } route_job;
 
+/* dots[k] = a . b[col[k]] (lane_dot's sum) for the entries [begin, end) of one row, each row of b asked for PREFETCH
+ * entries ahead. */
+static inline void row_dots(const float *a, const float *b, const int32_t *col, int64_t begin, int64_t end,
+                            int64_t nnz, int64_t width, float *dots) {
+  const int64_t cache_lines = (width + 15) / 16;
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + PREFETCH < nnz) prefetch_row(b + (int64_t)col[k + PREFETCH] * width, cache_lines);
+    dots[k] = lane_dot(a, b + (int64_t)col[k] * width, width);
+  }
+}
+
+/* out[:] = sum over the entries [begin, end) of weights[k] * b[col[k], :], in order from +0 (spmm's sum); the rows of
+ * b were just gathered by row_dots and come from cache. */
+static inline void weighted_row_sum(float *out, const float *weights, const float *b, const int32_t *col,
+                                    int64_t begin, int64_t end, int64_t width) {
+  const int64_t vectors = width / 8;
+  __m256 sum[8];
+  for (int64_t v = 0; v < vectors; ++v) sum[v] = _mm256_setzero_ps();
+  for (int64_t k = begin; k < end; ++k) add_weighted_row(sum, weights[k], b + (int64_t)col[k] * width, vectors);
+  for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(out + 8 * v, sum[v]);
+}
+
 static void *route_range(void *arg) {
   const route_job *job = arg;
-  const int64_t width = job->width, vectors = width / 8, cache_lines = (width + 15) / 16;
+  const int64_t width = job->width;
   FOR_EACH_ROW(job, row) {
     const int64_t begin = job->rowptr[row], end = job->rowptr[row + 1];
-    const float *a = job->a + row * width;
+    row_dots(job->a + row * width, job->b, job->col, begin, end, job->nnz, width, job->logits);
     float max = -__builtin_inff();
     for (int64_t k = begin; k < end; ++k) {
-      if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
-      const float logit = lane_dot(a, job->b + (int64_t)job->col[k] * width, width);
-      job->logits[k] = logit;
+      const float logit = job->logits[k];
       max = (logit != logit) ? logit : (max < logit ? logit : max);
     }
     if (max == __builtin_inff() || max == -__builtin_inff()) max = 0.0f;
@@ -704,13 +725,8 @@ static void *route_range(void *arg) {
     float sum = 0.0f;
     for (int64_t k = begin; k < end; ++k) sum = sum + job->p[k];
     sum = sum + 1e-16f;
-    __m256 out[8];
-    for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_setzero_ps();
-    for (int64_t k = begin; k < end; ++k) {
-      job->p[k] = job->p[k] / sum;
-      add_weighted_row(out, job->p[k], job->b + (int64_t)job->col[k] * width, vectors);
-    }
-    for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(job->pulled + row * width + 8 * v, out[v]);
+    for (int64_t k = begin; k < end; ++k) job->p[k] = job->p[k] / sum;
+    weighted_row_sum(job->pulled + row * width, job->p, job->b, job->col, begin, end, width);
   }
   return 0;
 }
@@ -743,24 +759,14 @@ typedef struct {
 
 static void *route_back_range(void *arg) {
   const route_back_job *job = arg;
-  const int64_t width = job->width, vectors = width / 8, cache_lines = (width + 15) / 16;
+  const int64_t width = job->width;
   FOR_EACH_ROW(job, row) {
     const int64_t begin = job->rowptr[row], end = job->rowptr[row + 1];
-    const float *g = job->g + row * width;
+    row_dots(job->g + row * width, job->b, job->col, begin, end, job->nnz, width, job->grad);
     float dot = 0.0f;
-    for (int64_t k = begin; k < end; ++k) {
-      if (k + PREFETCH < job->nnz) prefetch_row(job->b + (int64_t)job->col[k + PREFETCH] * width, cache_lines);
-      const float g_p = lane_dot(g, job->b + (int64_t)job->col[k] * width, width);
-      job->grad[k] = g_p;
-      dot = dot + job->p[k] * g_p;
-    }
-    __m256 out[8];
-    for (int64_t v = 0; v < vectors; ++v) out[v] = _mm256_setzero_ps();
-    for (int64_t k = begin; k < end; ++k) {
-      job->grad[k] = (job->grad[k] - dot) * job->p[k];
-      add_weighted_row(out, job->grad[k], job->b + (int64_t)job->col[k] * width, vectors);
-    }
-    for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(job->grad_a + row * width + 8 * v, out[v]);
+    for (int64_t k = begin; k < end; ++k) dot = dot + job->p[k] * job->grad[k];
+    for (int64_t k = begin; k < end; ++k) job->grad[k] = (job->grad[k] - dot) * job->p[k];
+    weighted_row_sum(job->grad_a + row * width, job->grad, job->b, job->col, begin, end, width);
   }
   return 0;
 }
