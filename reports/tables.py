@@ -8,8 +8,10 @@ the column groups (one per dataset) need ``\\multicolumn``, which ``tabulate`` c
 Comparison tables follow the paper: rows in the paper's order (then any other rows, then reference rows such as
 Popularity), one column group per dataset with Precision, Recall and NDCG @10, the best value per column in bold,
 a ``%Improv.`` row (GRCN over the strongest other row per metric) and ``*`` where GRCN's improvement is significant
-(:mod:`grcn_bench.reports.stats`). When a dataset is one of the paper's (official format, the paper's sizes), a
-"paper" row block shows the published numbers (``reports/data/paper_table{2,3}.csv``).
+(:mod:`grcn_bench.reports.stats`: with two or more seeds, on every seed; with one, over users only). Each table's
+notes, its significance table and its CSV records say which test produced each star. When a dataset is one of the
+paper's (official format, the paper's sizes), a "paper" row block shows the published numbers
+(``reports/data/paper_table{2,3}.csv``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Protocol
 
 from tabulate import tabulate
 
-from .stats import PairedTest, improvement, paired_test
+from .stats import Sample, SeedTest, improvement, seed_test
 
 TABLE_METRICS = ("precision@10", "recall@10", "ndcg@10")
 METRIC_TITLES = {"precision@10": "Precision", "recall@10": "Recall", "ndcg@10": "NDCG"}
@@ -302,7 +304,7 @@ class Comparison:
     best: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     strongest_other: dict[tuple[str, str], str] = field(default_factory=dict)
     improvements: dict[tuple[str, str], float | None] = field(default_factory=dict)
-    tests: dict[tuple[str, str], PairedTest | None] = field(default_factory=dict)
+    tests: dict[tuple[str, str], SeedTest | None] = field(default_factory=dict)
     published: Published | None = None
 
     def mean(self, label: str, spec: str, metric: str) -> float | None:
@@ -312,6 +314,21 @@ class Comparison:
     def significant(self, spec: str, metric: str) -> bool:
         test = self.tests.get((spec, metric))
         return test is not None and test.significant()
+
+    def star_note(self) -> str | None:
+        """What the ``*`` of this table means: the test that produced the stars, per dataset and metric where they
+        differ (for instance one dataset ran one seed and another three)."""
+        where: dict[str, list[str]] = {}
+        for column in self.datasets:
+            for metric in self.metrics:
+                test = self.tests.get((column.spec, metric))
+                if test is not None:
+                    where.setdefault(test.explanation, []).append(f"{column.title} {SHORT_TITLES.get(metric, metric)}")
+        if not where:
+            return None
+        if len(where) == 1:
+            return f"*: {next(iter(where))}."
+        return "*: " + "; ".join(f"{', '.join(cells)}: {text}" for text, cells in where.items()) + "."
 
 
 def ordered_labels(labels: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -338,6 +355,7 @@ def build_comparison(
     ``cards`` maps a dataset spec to its card (for the paper's names); by default the rows' own cards are used.
     """
     table: dict[tuple[str, str], RowLike] = {}
+    arrays: dict[int, Any] = {}
     for row in rows:
         table.setdefault((row.label, row.dataset), row)
     specs = list(dict.fromkeys(row.dataset for row in rows))
@@ -366,12 +384,33 @@ def build_comparison(
             strongest = max(others, key=lambda label: (others[label], -labels.index(label)))
             comparison.strongest_other[(column.spec, metric)] = strongest
             comparison.improvements[(column.spec, metric)] = improvement(values[proposed], others[strongest])
-            ours = table[(proposed, column.spec)].per_user(metric)
-            theirs = table[(strongest, column.spec)].per_user(metric)
+            ours = per_seed_per_user(table[(proposed, column.spec)], metric, arrays)
+            theirs = per_seed_per_user(table[(strongest, column.spec)], metric, arrays)
             comparison.tests[(column.spec, metric)] = (
-                paired_test(ours[0], ours[1], theirs[0], theirs[1]) if ours is not None and theirs is not None
-                else None)
+                seed_test(ours, theirs) if ours is not None and theirs is not None else None)
     return comparison
+
+
+def per_seed_per_user(row: RowLike, metric: str, cache: dict[int, Any] | None = None
+                      ) -> dict[int, Sample] | Sample | None:
+    """The per-user test values of ``metric`` that the significance test pairs: ``{seed: (users, values)}`` for a
+    row with seeds (a selection: each selected seed's run), or the row's one ``(users, values)`` for a row without
+    (a fixed reference row, which does not depend on the seed). ``None`` when a run stored no per-user arrays.
+
+    ``cache`` keeps each row's loaded arrays between metrics (keyed by the row's identity)."""
+    runs = getattr(row, "runs", None)
+    if not runs:
+        return row.per_user(metric)
+    cache = {} if cache is None else cache
+    if id(row) not in cache:
+        cache[id(row)] = [(int(run.settings["seed"]), run.arrays()) for run in runs]
+    key = f"test_{metric}"
+    out: dict[int, Sample] = {}
+    for seed, arrays in cache[id(row)]:
+        if "test_users" not in arrays or key not in arrays:
+            return None
+        out[seed] = (arrays["test_users"], arrays[key])
+    return out
 
 
 def _seeds(row: RowLike) -> int:
@@ -400,8 +439,10 @@ def comparison_table(comparison: Comparison, *, show_std: bool = True) -> Table:
     if comparison.proposed is not None:
         rows.append(("%Improv.", [Num(comparison.improvements.get((c.spec, m)), percent=True)
                                   for c in comparison.datasets for m in comparison.metrics]))
-        notes.append(f"%Improv.: {comparison.proposed} over the strongest other row per metric. "
-                     "*: paired two-sided t-test over per-user test metrics (averaged across seeds), p < 0.05.")
+        notes.append(f"%Improv.: {comparison.proposed} over the strongest other row per metric.")
+        star = comparison.star_note()
+        if star:
+            notes.append(star)
     if show_std:
         notes.append("Test metrics @10 of the hyper-parameters selected on validation Recall@10: mean ± sample std "
                      "over seeds (± only with two or more seeds). Best value per column in bold.")
@@ -427,7 +468,8 @@ def comparison_table(comparison: Comparison, *, show_std: bool = True) -> Table:
 
 
 def significance_table(comparison: Comparison) -> Table:
-    """The tests behind the stars: per dataset and metric, the proposed row against the strongest other row."""
+    """The tests behind the stars: per dataset and metric, the proposed row against the strongest other row, with
+    the test that decided the star, its seeds and each seed's p."""
     rows = []
     for column in comparison.datasets:
         for metric in comparison.metrics:
@@ -438,16 +480,29 @@ def significance_table(comparison: Comparison) -> Table:
             rows.append((f"{column.title} {SHORT_TITLES.get(metric, metric)}", [
                 f"{comparison.proposed} vs {comparison.strongest_other[key]}",
                 Num(comparison.improvements.get(key), percent=True),
+                _seed_list(test),
                 str(test.n) if test else DASH,
                 Num(test.mean_difference if test else None, digits=5),
                 Num(test.p_ttest if test else None, digits=4),
+                " ".join(f"{p:.4f}" for p in test.p_per_seed) if test and test.intersection_union else DASH,
                 Num(test.p_wilcoxon if test else None, digits=4),
                 "yes" if test and test.significant() else "no",
+                test.description if test else "not tested (no per-user values or no seed in common)",
             ]))
-    columns = ["comparison", "%Improv.", "users", "mean diff.", "p (t-test)", "p (Wilcoxon)", "p < 0.05"]
+    columns = ["comparison", "%Improv.", "seeds", "users", "mean diff.", "p (t-test)", "p per seed",
+               "p (Wilcoxon)", "*", "test"]
     return Table(f"{comparison.title}: significance", "dataset, metric", [("", columns)], rows,
-                 ["Paired two-sided tests over per-user test metrics averaged across seeds; the t-test decides "
-                  "the * (scipy.stats.ttest_rel), the Wilcoxon signed-rank test is shown alongside."])
+                 ["Paired two-sided tests over per-user test metrics (scipy.stats.ttest_rel; the Wilcoxon "
+                  "signed-rank test alongside, not deciding). With two or more seeds the t-test runs on every seed "
+                  "both rows share (a row without seeds pairs with each) and the * needs p < 0.05 and a gain on every "
+                  "one (intersection-union); p is the largest over seeds and the mean difference their average. With "
+                  "one seed the * reflects the sampling of users only."])
+
+
+def _seed_list(test: SeedTest | None) -> str:
+    if test is None:
+        return DASH
+    return " ".join(map(str, test.seeds)) if test.seeds else "none"
 
 
 def comparison_records(comparison: Comparison) -> list[dict[str, Any]]:
@@ -474,6 +529,9 @@ def comparison_records(comparison: Comparison) -> list[dict[str, Any]]:
                     "p_ttest": test.p_ttest if test else None, "p_wilcoxon": test.p_wilcoxon if test else None,
                     "significant": comparison.significant(column.spec, metric) if label == comparison.proposed
                     else None,
+                    "significance_test": test.description if test else None,
+                    "significance_seeds": _seed_list(test) if test else None,
+                    "p_ttest_per_seed": " ".join(repr(p) for p in test.p_per_seed) if test else None,
                 })
         published = comparison.published
         if published is not None and column.paper in published.datasets:
@@ -488,6 +546,7 @@ def comparison_records(comparison: Comparison) -> list[dict[str, Any]]:
                         if label == PROPOSED else None,
                         "p_ttest": None, "p_wilcoxon": None,
                         "significant": published.significant.get((column.paper, label)),
+                        "significance_test": None, "significance_seeds": None, "p_ttest_per_seed": None,
                     })
     return records
 
@@ -546,6 +605,11 @@ def audit_table(rows: Sequence[AuditRow], *, metrics: Sequence[str] = TABLE_METR
              "test, training items scored 1e-5 instead of masked, validation items not masked, IDCG over "
              "min(hits, K). ratio = official / standard: the inflation of the published protocol. The quirks are "
              "measured together (one protocol setting), not one by one."]
+    released = sorted({row.label for row in rows if getattr(row.standard, "options", {}).get("variant") == "official"})
+    if released:
+        notes.append(f"{', '.join(released)}: GRCN as the released code runs it (variant=\"official\": its routing, "
+                     "confidence and one-hop readout, soft pruning as in its README's runs, and its L2 weighting), "
+                     "so its official-grcn column is the released code as released; docs/protocol.md.")
     return Table("Protocol audit: test metrics @10 under both protocols", "dataset: model", groups, out, notes)
 
 

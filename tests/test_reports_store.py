@@ -254,12 +254,17 @@ def test_table2_holds_the_selected_test_numbers_with_bold_improvement_and_stars(
     assert grcn["vs"] == "GAT"
     assert float(grcn["improvement_pct"]) == pytest.approx(100 * (expected["GRCN"] / expected["GAT"] - 1))
     assert grcn["significant"] == "True" and float(grcn["p_ttest"]) < 1e-6
+    # Two seeds: the star is the per-user t-test on each seed (intersection-union), and the report says so.
+    assert grcn["significance_test"] == "paired t-test on every one of 2 seeds (intersection-union), max p"
+    assert grcn["significance_seeds"] == "0 1" and len(grcn["p_ttest_per_seed"].split()) == 2
+    assert float(grcn["p_ttest"]) == max(map(float, grcn["p_ttest_per_seed"].split()))
     # The Markdown report shows the same numbers: bold, starred, with the sample std over the two seeds.
     text = path.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| GRCN "))
     assert f"**{expected['GRCN']:.4f}**\\*" in row
     gat_row = next(line for line in text.splitlines() if line.startswith("| GAT "))
     assert f"{expected['GAT']:.4f} ± 0.0071" in gat_row and "**" not in gat_row  # seeds differ by exactly 0.01
+    assert "run on each of the 2 seeds both rows share" in text
     improv = next(line for line in text.splitlines() if line.startswith("| %Improv."))
     assert f"+{100 * (expected['GRCN'] / expected['GAT'] - 1):.2f}%" in improv
     # A cell that failed leaves its row empty and is explained.

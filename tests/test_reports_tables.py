@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +12,21 @@ import pytest
 from scipy import stats
 
 from grcn_bench.reports.selection import FixedRow
-from grcn_bench.reports.stats import improvement, paired_test
+from grcn_bench.reports.stats import improvement, paired_test, seed_test
 from grcn_bench.reports.tables import (
     TABLE2_ORDER,
     TABLE3_ORDER,
     Num,
     Table,
+    audit_rows,
+    audit_table,
     build_comparison,
     comparison_records,
     comparison_table,
     dataset_title,
     load_published,
     paper_dataset,
+    significance_table,
     to_csv,
     to_html,
     to_latex,
@@ -78,6 +82,220 @@ def test_improvement_is_relative_percent():
     assert improvement(0.0639, 0.0581) == pytest.approx(9.98, abs=0.01)  # the paper's Movielens precision
     assert improvement(0.1, 0.2) == pytest.approx(-50.0)
     assert improvement(None, 0.2) is None and improvement(0.1, 0.0) is None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Significance that counts seeds: a hand-built row with seeds, like a selection (its runs' per-user arrays)
+
+
+@dataclass(frozen=True)
+class FakeRun:
+    seed: int
+    values: dict[str, np.ndarray]
+    users: np.ndarray
+
+    @property
+    def settings(self) -> dict:
+        return {"seed": self.seed}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"test_users": self.users, **{f"test_{m}": v for m, v in self.values.items()}}
+
+
+@dataclass(frozen=True)
+class SeededRow:
+    """A selected configuration's row: one run per seed; test numbers are means over seeds, as in a selection."""
+
+    label: str
+    dataset: str
+    runs: tuple[FakeRun, ...]
+    model: str = "fake"
+    protocol: str = "standard"
+    chosen: None = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(run.seed for run in self.runs)
+
+    def test_mean(self, metric: str) -> float:
+        return float(np.mean([run.values[metric].mean() for run in self.runs]))
+
+    def test_std(self, metric: str) -> float:
+        return float(np.std([run.values[metric].mean() for run in self.runs], ddof=1)) if len(self.runs) > 1 else 0.0
+
+    def per_user(self, metric: str):
+        """Per-user values averaged across seeds: what the averaged test used."""
+        return self.runs[0].users, np.mean([run.values[metric] for run in self.runs], axis=0)
+
+
+N_USERS = 200
+
+
+def seeded(label: str, per_seed: dict[int, np.ndarray], dataset: str = "d") -> SeededRow:
+    users = np.arange(N_USERS)
+    return SeededRow(label, dataset, tuple(FakeRun(seed, {"recall@10": v}, users) for seed, v in per_seed.items()))
+
+
+def _one_seed_fails():
+    """Seed 0: GRCN far better than GAT; seed 1: no real difference (p well above 0.05). Averaged over the two
+    seeds, the gain is large and its t-test stars; seed 1 alone does not."""
+    rng = np.random.default_rng(7)
+    gat = {seed: rng.uniform(0.1, 0.3, N_USERS) for seed in (0, 1)}
+    grcn = {0: gat[0] + 0.1 + rng.normal(0, 0.02, N_USERS),
+            1: gat[1] + 0.002 + rng.normal(0, 0.05, N_USERS)}
+    return seeded("GRCN", grcn), seeded("GAT", gat)
+
+
+def test_a_seed_without_significance_removes_the_star_that_the_averaged_test_gives():
+    grcn, gat = _one_seed_fails()
+    averaged = stats.ttest_rel(grcn.per_user("recall@10")[1], gat.per_user("recall@10")[1])
+    assert averaged.pvalue < 0.05 and averaged.statistic > 0  # the old star
+    per_seed = [stats.ttest_rel(grcn.runs[k].values["recall@10"], gat.runs[k].values["recall@10"]) for k in (0, 1)]
+    assert per_seed[0].pvalue < 0.05 and per_seed[1].pvalue > 0.05
+    comparison = build_comparison([grcn, gat], title="T", metrics=("recall@10",))
+    test = comparison.tests[("d", "recall@10")]
+    assert test.seeds == (0, 1) and test.intersection_union
+    assert test.p_per_seed == pytest.approx([t.pvalue for t in per_seed], rel=1e-12)
+    assert test.p_ttest == pytest.approx(max(t.pvalue for t in per_seed), rel=1e-12)
+    assert not test.significant() and not comparison.significant("d", "recall@10")
+    assert not comparison_table(comparison).cell("GRCN", "d Recall").star
+    assert test.description == "paired t-test on every one of 2 seeds (intersection-union), max p"
+
+
+def test_a_seed_that_favours_the_baseline_removes_the_star_even_with_a_small_p():
+    rng = np.random.default_rng(8)
+    gat = {seed: rng.uniform(0.1, 0.3, N_USERS) for seed in (0, 1, 2)}
+    grcn = {0: gat[0] + 0.1, 1: gat[1] + 0.1 + rng.normal(0, 0.01, N_USERS),
+            2: gat[2] - 0.02 + rng.normal(0, 0.01, N_USERS)}  # seed 2: significantly worse
+    grcn_row, gat_row = seeded("GRCN", grcn), seeded("GAT", gat)
+    averaged = stats.ttest_rel(grcn_row.per_user("recall@10")[1], gat_row.per_user("recall@10")[1])
+    assert averaged.pvalue < 0.05 and averaged.statistic > 0
+    test = build_comparison([grcn_row, gat_row], title="T", metrics=("recall@10",)).tests[("d", "recall@10")]
+    oracle = [stats.ttest_rel(grcn[k], gat[k]).pvalue for k in (1, 2)]  # seed 0's difference is constant: p = 0
+    assert test.p_per_seed[0] == 0.0 and test.p_per_seed[1:] == pytest.approx(oracle, rel=1e-12)
+    assert test.p_ttest < 0.05 and test.min_difference < 0 and not test.significant()
+
+
+def test_every_seed_significant_gives_the_star_with_the_largest_p():
+    rng = np.random.default_rng(9)
+    gat = {seed: rng.uniform(0.1, 0.3, N_USERS) for seed in (0, 1, 2)}
+    grcn = {seed: gat[seed] + 0.01 * (seed + 1) + rng.normal(0, 0.05, N_USERS) for seed in (0, 1, 2)}
+    comparison = build_comparison([seeded("GRCN", grcn), seeded("GAT", gat)], title="T", metrics=("recall@10",))
+    test = comparison.tests[("d", "recall@10")]
+    oracle = [stats.ttest_rel(grcn[k], gat[k]) for k in (0, 1, 2)]
+    assert all(t.pvalue < 0.05 and t.statistic > 0 for t in oracle)
+    assert test.p_ttest == pytest.approx(max(t.pvalue for t in oracle), rel=1e-12)
+    assert test.mean_difference == pytest.approx(np.mean([(grcn[k] - gat[k]).mean() for k in (0, 1, 2)]))
+    wilcoxon = [stats.wilcoxon(grcn[k], gat[k]).pvalue for k in (0, 1, 2)]
+    assert test.p_wilcoxon == pytest.approx(max(wilcoxon), rel=1e-12)
+    table = comparison_table(comparison)
+    assert table.cell("GRCN", "d Recall").star
+    note = next(n for n in table.notes if n.startswith("*:"))
+    assert "each of the 3 seeds" in note and "intersection-union" in note and "largest" in note
+
+
+def test_the_star_never_appears_where_the_averaged_test_would_not_with_the_same_users():
+    """The converse case cannot be built with the same users in every seed: the t statistic of the per-user means
+    is at least the smallest per-seed t (the mean difference averages, its std is at most the average std), so
+    the averaged p is at most the largest per-seed p. Checked on random cases with scipy as the oracle."""
+    rng = np.random.default_rng(10)
+    for _ in range(200):
+        seeds = int(rng.integers(2, 5))
+        gat = {k: rng.uniform(0, 1, 30) for k in range(seeds)}
+        grcn = {k: gat[k] + rng.normal(rng.uniform(-0.05, 0.2), rng.uniform(0.01, 0.5), 30) for k in range(seeds)}
+        test = seed_test({k: (np.arange(30), v) for k, v in grcn.items()},
+                         {k: (np.arange(30), v) for k, v in gat.items()})
+        averaged = stats.ttest_rel(np.mean(list(grcn.values()), axis=0), np.mean(list(gat.values()), axis=0))
+        if test.significant():
+            assert averaged.pvalue <= test.p_ttest * (1 + 1e-9) and averaged.statistic > 0
+
+
+def test_one_seed_is_the_per_user_test_and_says_it_reflects_users_only():
+    rng = np.random.default_rng(11)
+    gat = rng.uniform(0.1, 0.3, N_USERS)
+    grcn = gat + 0.02 + rng.normal(0, 0.05, N_USERS)
+    comparison = build_comparison([seeded("GRCN", {4: grcn}), seeded("GAT", {4: gat})], title="T",
+                                  metrics=("recall@10",))
+    test = comparison.tests[("d", "recall@10")]
+    oracle = stats.ttest_rel(grcn, gat)
+    assert test.seeds == (4,) and not test.intersection_union
+    assert test.p_ttest == pytest.approx(oracle.pvalue, rel=1e-12) and test.significant() == (oracle.pvalue < 0.05)
+    assert test.description == "paired t-test over users, 1 seed: reflects users only"
+    table = comparison_table(comparison)
+    note = next(n for n in table.notes if n.startswith("*:"))
+    assert "one seed" in note and "reflects the sampling of users only" in note
+    assert "reflects the sampling of users only" in to_markdown(table) and "users only" in to_html(table)
+    record = next(r for r in comparison_records(comparison) if r["row"] == "GRCN")
+    assert record["significance_test"] == test.description and record["significance_seeds"] == "4"
+    significance = significance_table(comparison)
+    assert significance.cell("d R@10", "test") == test.description and significance.cell("d R@10", "seeds") == "4"
+
+
+def test_seeds_are_paired_by_number_and_only_shared_seeds_count():
+    rng = np.random.default_rng(12)
+    gat = {seed: rng.uniform(0.1, 0.3, N_USERS) for seed in (1, 2, 3)}
+    grcn = {0: gat[1] - 0.2,  # a seed the baseline lacks: not tested
+            1: gat[1] + 0.05 + rng.normal(0, 0.02, N_USERS), 2: gat[2] + 0.05 + rng.normal(0, 0.02, N_USERS)}
+    test = seed_test({k: (np.arange(N_USERS), v) for k, v in grcn.items()},
+                     {k: (np.arange(N_USERS), v) for k, v in gat.items()})
+    assert test.seeds == (1, 2) and test.significant()
+    assert test.p_per_seed == pytest.approx([stats.ttest_rel(grcn[k], gat[k]).pvalue for k in (1, 2)], rel=1e-12)
+    # The baseline's seeds given in another order (and renumbered): paired by number, not by position.
+    swapped = seed_test({k: (np.arange(N_USERS), v) for k, v in grcn.items()},
+                        {2: (np.arange(N_USERS), gat[1]), 1: (np.arange(N_USERS), gat[2])})
+    assert swapped.p_per_seed == pytest.approx([stats.ttest_rel(grcn[1], gat[2]).pvalue,
+                                                stats.ttest_rel(grcn[2], gat[1]).pvalue], rel=1e-12)
+    assert seed_test({0: (np.arange(5), np.ones(5))}, {1: (np.arange(5), np.zeros(5))}) is None  # no seed shared
+
+
+def test_a_fixed_row_pairs_with_every_seed():
+    grcn, _ = _one_seed_fails()
+    noise = np.random.default_rng(14).normal(0, 0.01, N_USERS)
+    popularity = row("Popularity", "d", {"recall@10": grcn.runs[1].values["recall@10"] - 0.003 + noise})
+    comparison = build_comparison([grcn, popularity], title="T", metrics=("recall@10",))
+    test = comparison.tests[("d", "recall@10")]
+    assert comparison.strongest_other[("d", "recall@10")] == "Popularity" and test.seeds == (0, 1)
+    oracle = [stats.ttest_rel(grcn.runs[k].values["recall@10"], popularity.per_user_values["recall@10"]).pvalue
+              for k in (0, 1)]
+    assert test.p_per_seed == pytest.approx(oracle, rel=1e-12)
+    assert test.significant() == all(p < 0.05 for p in oracle)
+    # Two rows without seeds (fixed rows only): one per-user test, said to reflect users only.
+    fixed = build_comparison(_table2_rows(), title="T2").tests[("synthetic:x", "recall@10")]
+    assert fixed.seeds == () and fixed.description == "paired t-test over users, no seeds: reflects users only"
+
+
+def test_notes_name_the_test_per_dataset_where_seed_counts_differ():
+    rng = np.random.default_rng(13)
+    rows = []
+    for dataset, seeds in (("a", (0,)), ("b", (0, 1, 2))):
+        gat = {k: rng.uniform(0.1, 0.3, N_USERS) for k in seeds}
+        rows += [seeded("GRCN", {k: v + 0.1 for k, v in gat.items()}, dataset), seeded("GAT", gat, dataset)]
+    comparison = build_comparison(rows, title="T", metrics=("recall@10",))
+    note = comparison.star_note()
+    assert note.startswith("*: a R@10: paired two-sided t-test over per-user test metrics of one seed")
+    assert "; b R@10: paired two-sided t-test over per-user test metrics, run on each of the 3 seeds" in note
+    records = {r["dataset"]: r for r in comparison_records(comparison) if r["row"] == "GRCN"}
+    assert records["a"]["significance_test"] == "paired t-test over users, 1 seed: reflects users only"
+    assert records["b"]["significance_test"] == "paired t-test on every one of 3 seeds (intersection-union), max p"
+    assert records["b"]["significance_seeds"] == "0 1 2" and records["b"]["significant"] is True
+
+
+def test_audit_pairs_the_released_variant_under_both_protocols_and_says_what_it_is():
+    from types import SimpleNamespace
+
+    def selection(label, options, protocol, recall):
+        return SimpleNamespace(label=label, model="grcn", options=options, dataset="d", protocol=protocol, card=None,
+                               test_mean=lambda metric: recall, test_std=lambda metric: 0.0)
+
+    rows = audit_rows([selection("GRCN", {}, "standard", 0.2), selection("GRCN", {}, "official-grcn", 0.3),
+                       selection("GRCN_official", {"variant": "official"}, "standard", 0.25),
+                       selection("GRCN_official", {"variant": "official"}, "official-grcn", 0.4)])
+    assert [(r.label, r.ratio("recall@10")) for r in rows] == [("GRCN", pytest.approx(1.5)),
+                                                              ("GRCN_official", pytest.approx(1.6))]
+    note = audit_table(rows).notes[-1]
+    assert note.startswith("GRCN_official: GRCN as the released code runs it") and "soft pruning" in note
+    assert len(audit_table(rows[:1]).notes) == 1  # no released variant, no note
 
 
 # -------------------------------------------------------------------------------------------------------------
