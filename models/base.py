@@ -106,7 +106,13 @@ class Recommender(torch.nn.Module, abc.ABC):
         else:
             pos_scores = self.pair_score(emb, users, pos)
             neg_scores = self.pair_score(emb, users, neg)
-        return bpr_loss(pos_scores, neg_scores) + reg_weight * ego_l2(self.ego_parameters(users, pos, neg))
+        return bpr_loss(pos_scores, neg_scores) + reg_weight * self.l2_term(users, pos, neg)
+
+    def l2_term(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        """The regulariser that ``reg_weight`` multiplies in :meth:`loss`: by default the shared ego-L2 term, the sum
+        of the mean squares of :meth:`ego_parameters`, the same for every model. A model whose released code weights
+        the rows differently may offer that as an option by overriding this."""
+        return ego_l2(self.ego_parameters(users, pos, neg))
 
     def extra_repr(self) -> str:
         return f"users={self.num_users}, items={self.num_items}, dim={self.embedding_dim}, layers={self.num_layers}"

@@ -33,16 +33,21 @@ from .layers.refine import (
     route_prototypes,
 )
 from .layers.sparse import CSRPattern, graph_pattern, spmm, user_item_pattern
+from .losses import RELEASE_ID_WEIGHTS, ego_l2
 
 Variant = Literal["paper", "official"]
 Routing = Literal["paper", "official"]
 ConfidenceFrom = Literal["target", "source"]
 ContentReadout = Literal["none", "one_hop"]
+L2Weighting = Literal["shared", "official"]
 
-#: What each variant sets for the four options that tell the paper from the released code (SPEC §2.2).
+#: What each variant sets for the five options that tell the paper from the released code (``docs/protocol.md``).
+#: The release as its README runs it: soft pruning (its runs pass ``--is_pruning=False``) and its own L2 weighting.
 VARIANT_DEFAULTS: dict[str, dict[str, str]] = {
-    "paper": {"routing": "paper", "confidence_from": "target", "content_readout": "none", "pruning": "soft"},
-    "official": {"routing": "official", "confidence_from": "source", "content_readout": "one_hop", "pruning": "hard"},
+    "paper": {"routing": "paper", "confidence_from": "target", "content_readout": "none", "pruning": "soft",
+              "l2_weighting": "shared"},
+    "official": {"routing": "official", "confidence_from": "source", "content_readout": "one_hop", "pruning": "soft",
+                 "l2_weighting": "official"},
 }
 
 
@@ -100,7 +105,7 @@ class GRCN(Recommender):
     Xavier-initialised. Word-id text (SPEC §1.3): the item's text input :math:`\mathbf{i}_t` is the mean of a learned
     word-embedding table over its words.
 
-    **Differences from the released code** (each an option here; ``variant="official"`` sets the first four):
+    **Differences from the released code** (each an option here; ``variant="official"`` sets (a)-(d) and (f)):
     (a) its routing loop aggregates at items, so user prototypes never move: :math:`\bar{\mathbf{u}}_m =
     \operatorname{normalize}(\mathbf{u}^m_{(0)})` whatever :math:`T` is (``routing="official"``); (b) the fused weight
     of edge :math:`u \leftarrow i` uses the sender's base vector :math:`\boldsymbol{\rho}_i`
@@ -108,8 +113,13 @@ class GRCN(Recommender):
     :math:`\bar{\mathbf{u}}_m + \sum_i \bar{s}^m_{u \leftarrow i} \bar{\mathbf{i}}_m` and
     :math:`\bar{\mathbf{i}}_m + \sum_u \bar{s}^m_{i \leftarrow u} \bar{\mathbf{u}}_m`
     (``content_readout="one_hop"``); (d) its command-line default is hard pruning, while the runs in its README use
-    soft pruning (``pruning``); (e) its word embeddings are detached, so they stay at their random initialisation,
-    and the text projection is skipped (``freeze_word_embeddings=True``, not set by the variant).
+    soft pruning (``pruning``; the variant follows the README's runs: soft); (e) its word embeddings are detached, so
+    they stay at their random initialisation, and the text projection is skipped (``freeze_word_embeddings=True``,
+    not set by the variant); (f) its L2 term is one mean over the batch's ``[u, u]`` and ``[i, j]`` ID rows, which
+    weighs the item rows by half: :math:`\operatorname{mean}(e_u^2) + \tfrac12 \operatorname{mean}(e_i^2) +
+    \tfrac12 \operatorname{mean}(e_j^2) + \sum_m \operatorname{mean}(\mathbf{u}^{m\,2}_{(0)})` instead of the
+    shared :math:`\operatorname{mean}(e_u^2) + \operatorname{mean}(e_i^2) + \operatorname{mean}(e_j^2) + \sum_m
+    \operatorname{mean}(\mathbf{u}^{m\,2}_{(0)})` (``l2_weighting="official"``; every mean over the batch's rows).
 
     Args:
         data: dataset sizes and modality shapes.
@@ -125,11 +135,16 @@ class GRCN(Recommender):
         id_only_prediction: GRCN-ID of Figure 3: the graph is refined as usual but :math:`y_{ui} =
             \mathbf{e}_u^\top \mathbf{e}_i`.
         variant: ``"paper"`` (default) or ``"official"``: the defaults of ``routing``, ``confidence_from``,
-            ``content_readout`` and ``pruning``.
+            ``content_readout``, ``pruning`` and ``l2_weighting`` (:data:`VARIANT_DEFAULTS`; the official variant
+            prunes softly, as the release's README runs do).
         routing: ``"paper"`` (Eqs. 2-4) or ``"official"`` (difference (a)); ``None``: from ``variant``.
         confidence_from: whose base vector weighs an edge: ``"target"`` (the receiver, Eq. 7) or ``"source"``
             (difference (b)); ``None``: from ``variant``. Only used by ``fusion="max_base"``.
         content_readout: ``"none"`` (Eq. 10) or ``"one_hop"`` (difference (c)); ``None``: from ``variant``.
+        l2_weighting: ``"shared"`` (every model's L2 term: the sum of the mean squares of the batch's user, positive
+            and negative ID rows and of each modality's user prototypes) or ``"official"`` (the release's, item rows
+            weighted by half: difference (f), :data:`~grcn_bench.models.losses.RELEASE_ID_WEIGHTS`); ``None``: from
+            ``variant``.
         freeze_word_embeddings: word-id text only (a no-op otherwise): keep the word table at its initialisation
             (listed in ``frozen_parameters``) and skip the text projection, :math:`\bar{\mathbf{i}}_t =
             \operatorname{normalize}(\text{mean word embedding})` (difference (e)). Needs ``word_dim ==
@@ -159,6 +174,7 @@ class GRCN(Recommender):
         routing: Routing | None = None,
         confidence_from: ConfidenceFrom | None = None,
         content_readout: ContentReadout | None = None,
+        l2_weighting: L2Weighting | None = None,
         freeze_word_embeddings: bool = False,
         word_dim: int = 64,
     ):
@@ -169,11 +185,13 @@ class GRCN(Recommender):
         confidence_from = defaults["confidence_from"] if confidence_from is None else confidence_from
         content_readout = defaults["content_readout"] if content_readout is None else content_readout
         pruning = defaults["pruning"] if pruning is None else pruning
+        l2_weighting = defaults["l2_weighting"] if l2_weighting is None else l2_weighting
         _check_literal("fusion", fusion, Fusion)
         _check_literal("pruning", pruning, Pruning)
         _check_literal("routing", routing, Routing)
         _check_literal("confidence_from", confidence_from, ConfidenceFrom)
         _check_literal("content_readout", content_readout, ContentReadout)
+        _check_literal("l2_weighting", l2_weighting, L2Weighting)
         if isinstance(routing_iterations, bool) or not isinstance(routing_iterations, int) or routing_iterations < 0:
             raise ValueError(f"routing_iterations must be an int >= 0, got {routing_iterations!r}")
         if word_dim <= 0:
@@ -189,6 +207,7 @@ class GRCN(Recommender):
         self.routing_iterations = routing_iterations
         self.fusion, self.pruning, self.routing = fusion, pruning, routing
         self.confidence_from, self.content_readout = confidence_from, content_readout
+        self.l2_weighting = l2_weighting
         self.id_only_prediction = bool(id_only_prediction)
         self.variant = variant
 
@@ -367,11 +386,21 @@ class GRCN(Recommender):
         prototypes = self.user_prototypes.index_select(0, users)
         return [*rows.split([users.numel(), pos.numel(), neg.numel()]), *prototypes.unbind(1)]
 
+    def l2_term(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        """Eq. 13's L2 term over :meth:`ego_parameters`: the shared sum of mean squares, or with
+        ``l2_weighting="official"`` the release's weighting ``mean(e_u^2) + mean(e_i^2) / 2 + mean(e_j^2) / 2 +
+        sum_m mean(u0_m^2)`` (its one mean over ``[u, u]`` and ``[i, j]``; the prototypes' means are the release's
+        too: a user row repeated twice does not change a mean)."""
+        parameters = self.ego_parameters(users, pos, neg)
+        if self.l2_weighting == "shared":
+            return ego_l2(parameters)
+        return ego_l2(parameters, [*RELEASE_ID_WEIGHTS, *([1.0] * (len(parameters) - len(RELEASE_ID_WEIGHTS)))])
+
     def extra_repr(self) -> str:
         options = (
             f"modalities={''.join(self.modalities)}, T={self.routing_iterations}, fusion={self.fusion}, "
             f"pruning={self.pruning}, routing={self.routing}, confidence_from={self.confidence_from}, "
-            f"content_readout={self.content_readout}"
+            f"content_readout={self.content_readout}, l2_weighting={self.l2_weighting}"
         )
         if self.id_only_prediction:
             options += ", id_only_prediction=True"

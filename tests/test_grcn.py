@@ -414,6 +414,7 @@ def test_freeze_is_a_no_op_without_word_text():
 CONFIGS = [
     {},
     {"variant": "official"},
+    {"variant": "official", "pruning": "hard"},
     {"fusion": "max"},
     {"fusion": "mean"},
     {"pruning": "hard"},
@@ -462,6 +463,47 @@ def test_loss_is_bpr_plus_ego_l2_over_ids_and_prototypes():
     assert loss.item() == pytest.approx(bpr / 2 + reg * float(l2), rel=1e-5)
 
 
+def _set_by_hand(model):
+    """Two-dimensional E and prototypes with small integers, so that the L2 terms can be summed by hand."""
+    with torch.no_grad():
+        # users 0-2, then items 0-3 (rows U + i)
+        model.id_embedding.copy_(torch.tensor([[1.0, 2.0], [5.0, 5.0], [3.0, 0.0],
+                                               [1.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, -1.0]]))
+        model.user_prototypes.copy_(torch.tensor([[[1.0, 0.0], [1.0, 1.0]],
+                                                  [[5.0, 5.0], [5.0, 5.0]],
+                                                  [[0.0, 2.0], [1.0, 1.0]]]))
+
+
+def test_release_l2_weighting_by_hand():
+    """The release's ``mean(E[[u, u]]**2 + E[[i, j]]**2)`` plus each modality's ``mean(u0[[u, u]]**2)``, by hand.
+
+    Batch (u, i, j) = (0, 1, 2), (2, 3, 0). e_u0 = (1, 2), e_u2 = (3, 0); items e_1 = (2, 0), e_3 = (1, -1) (positives),
+    e_2 = (0, 3), e_0 = (1, 1) (negatives). The release's [4, 2] tensor of e_user**2 + e_item**2, rows
+    (u0, i1), (u0, j2), (u2, i3), (u2, j0): (1+4, 4+0), (1+0, 4+9), (9+1, 0+1), (9+1, 0+1), summing to 45, so its mean
+    is 45 / 8 = 5.625. The shared weighting: mean(e_u**2) = 14/4 = 3.5, mean(e_i**2) = 6/4 = 1.5,
+    mean(e_j**2) = 11/4 = 2.75, in all 7.75. Prototypes of users 0 and 2: modality v (1, 0), (0, 2): 5/4 = 1.25;
+    modality a (1, 1), (1, 1): 4/4 = 1.0; in all 2.25 under both weightings.
+    """
+    graph = make_graph()
+    users, pos, neg = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([2, 0])
+    official = GRCN(make_info(), embedding_dim=2, variant="official")
+    shared = GRCN(make_info(), embedding_dim=2, variant="official", l2_weighting="shared")
+    assert (official.l2_weighting, shared.l2_weighting) == ("official", "shared")
+    for model in (official, shared):
+        torch.manual_seed(0)
+        model.reset_parameters()
+        _set_by_hand(model)
+    assert official.l2_term(users, pos, neg).item() == 5.625 + 2.25
+    assert shared.l2_term(users, pos, neg).item() == 7.75 + 2.25
+    # The paper variant keeps the shared term; the loss adds λ times the term to the same BPR.
+    paper = GRCN(make_info(), embedding_dim=2)
+    _set_by_hand(paper)
+    assert paper.l2_weighting == "shared" and paper.l2_term(users, pos, neg).item() == 10.0
+    reg = 0.1
+    difference = official.loss(official(graph), users, pos, neg, reg) - shared.loss(shared(graph), users, pos, neg, reg)
+    assert difference.item() == pytest.approx(reg * (7.875 - 10.0), abs=1e-6)
+
+
 def test_forward_has_no_hidden_state():
     graph = make_graph()
     model = make_model()
@@ -474,35 +516,25 @@ def test_forward_has_no_hidden_state():
 # -------------------------------------------------------------------------------------------------------- options
 
 
-def test_variant_sets_the_four_parts_and_explicit_arguments_win():
-    paper = make_model()
-    assert (paper.routing, paper.confidence_from, paper.content_readout, paper.pruning) == (
-        "paper",
-        "target",
-        "none",
-        "soft",
-    )
-    official = make_model(variant="official")
-    assert (official.routing, official.confidence_from, official.content_readout, official.pruning) == (
-        "official",
-        "source",
-        "one_hop",
-        "hard",
-    )
-    mixed = make_model(variant="official", pruning="soft", routing="paper")
-    assert (mixed.routing, mixed.confidence_from, mixed.content_readout, mixed.pruning) == (
-        "paper",
-        "source",
-        "one_hop",
-        "soft",
-    )
+def _parts(model):
+    return (model.routing, model.confidence_from, model.content_readout, model.pruning, model.l2_weighting)
+
+
+def test_variant_sets_the_five_parts_and_explicit_arguments_win():
+    assert _parts(make_model()) == ("paper", "target", "none", "soft", "shared")
+    # The release as its README runs it (--is_pruning=False): soft pruning, and its own L2 weighting.
+    assert _parts(make_model(variant="official")) == ("official", "source", "one_hop", "soft", "official")
+    mixed = make_model(variant="official", pruning="hard", routing="paper", l2_weighting="shared")
+    assert _parts(mixed) == ("paper", "source", "one_hop", "hard", "shared")
     assert make_model(variant="paper", content_readout="one_hop").content_readout == "one_hop"
+    assert make_model(variant="paper", l2_weighting="official").l2_weighting == "official"
 
 
 def test_registered_and_repr():
     assert get_model("grcn") is GRCN
     text = repr(make_model(variant="official"))
-    assert "routing=official" in text and "pruning=hard" in text and "modalities=va" in text
+    assert "routing=official" in text and "pruning=soft" in text and "modalities=va" in text
+    assert "l2_weighting=official" in text
 
 
 @pytest.mark.parametrize(
@@ -520,6 +552,7 @@ def test_registered_and_repr():
         ({"routing": "fast"}, "unknown routing"),
         ({"confidence_from": "both"}, "unknown confidence_from"),
         ({"content_readout": "two_hop"}, "unknown content_readout"),
+        ({"l2_weighting": "half"}, "unknown l2_weighting"),
         ({"word_dim": 0}, "word_dim"),
     ],
 )
