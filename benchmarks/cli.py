@@ -6,13 +6,17 @@ With no arguments it runs the ``quick`` experiment and writes its report: that i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import Cell, Experiment
 from .memory import keep_freed_memory
+from .search import Plan, estimate, plan_experiment, run_search
+from .store import ResultStore
 
 DEFAULT_RESULTS = Path("results")
 
@@ -63,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-embeddings", action="store_true", help="store final embeddings (for t-SNE figures)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--dry-run", action="store_true", help="list the cells that would run, run nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the cells the next round would run, each study's stage and an estimate of the "
+                          "epochs the whole search trains; run nothing")
+    run.add_argument("--search", choices=["grid", "halving"],
+                     help="grid: every lr x λ point trained to early stopping; halving: successive halving on "
+                          "validation Recall@10 (default: the experiment's, else grid)")
+    run.add_argument("--selection-seeds", type=int, metavar="N",
+                     help="select on the mean of the first N seeds, then run the other seeds at the selected point "
+                          "only (default: the experiment's, else every seed selects)")
+    run.add_argument("--min-epochs", type=int, help="halving: epochs of the first rung (default 10)")
+    run.add_argument("--eta", type=int, help="halving: keep the best 1/eta points at each rung (default 3)")
+    run.add_argument("--survivors", type=int, help="halving: points trained to early stopping (default 2)")
     run.add_argument("--executor", choices=["serial", "process", "ray"], default="serial",
                      help="who runs the cells: this process (default), a local process pool, or Ray tasks")
     run.add_argument("--workers", type=int,
@@ -89,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.md and report.html for a results directory")
     report.add_argument("results", type=Path, help="results directory written by `run`")
+
+    compare = sub.add_parser("compare-search",
+                             help="exhaustive grid against successive halving: selected points, spread and cost")
+    compare.add_argument("grid", type=Path, help="results directory of a --search grid run")
+    compare.add_argument("halving", type=Path, help="results directory of a --search halving run of the same grid")
+    compare.add_argument("--csv", type=Path, help="also write the comparison as CSV")
     return parser
 
 
@@ -119,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_describe(args.dataset)
         if command == "report":
             return cmd_report(args.results)
+        if command == "compare-search":
+            return cmd_compare_search(args.grid, args.halving, args.csv)
         if command == "perf":
             from .perf import cmd_perf
 
@@ -171,9 +194,8 @@ def _first_line(text: str | None) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from grcn_bench.models import get_model
 
-    from .config import Cell, Experiment, ModelEntry, load_experiment
+    from .config import ModelEntry, load_experiment
     from .executors import MissingExtraError, load_plugins, run_grid
-    from .store import ResultStore
 
     load_plugins(args.plugin)  # before the model names are checked: plugins may register models
 
@@ -184,36 +206,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         experiment = load_experiment(args.experiment or "quick")
     train = {"max_epochs": args.max_epochs, "patience": args.patience, "batch_size": args.batch_size,
              "protocol": args.protocol}
+    search = {"method": args.search, "selection_seeds": args.selection_seeds, "min_epochs": args.min_epochs,
+              "eta": args.eta, "survivors": args.survivors}
     experiment = experiment.override(models=args.models, datasets=args.datasets, seeds=args.seeds, lr=args.lr,
-                                     reg=args.reg, train=train)
+                                     reg=args.reg, train=train, search=search)
     for entry in experiment.models:
         get_model(entry.name)  # fail before any training on an unknown model name
-    cells = experiment.cells()
     out = args.out or DEFAULT_RESULTS / experiment.name
     store = ResultStore(out)
-    unique: dict[str, Cell] = {}
-    for cell in cells:  # a cell that two tables need is trained once
-        unique.setdefault(cell.cell_id, cell)
     if args.dry_run:
-        groups: dict[str, list[str]] = {}
-        for cell in cells:
-            groups.setdefault(cell.cell_id, []).append(cell.group)
-        for cell_id, cell in unique.items():
-            state = store.status(cell_id) or "pending"
-            print(f"{cell_id}  {state:8s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
-                  f"reg={cell.settings.reg_weight} seed={cell.settings.seed}  [{','.join(groups[cell_id])}]")
-        print(f"{len(unique)} cells ({len(cells)} requests)", file=sys.stderr)
-        return 0
-    store.write_json("experiment.json", {"name": experiment.name, "description": experiment.description,
-                                         "cells": [c.to_dict() for c in cells], "report": dict(experiment.report)})
-    print(f"{experiment.name}: {len(unique)} cells -> {out}", file=sys.stderr)
-    # The t-SNE figure (group fig4) needs the final embeddings of its cells; --keep-embeddings stores all.
-    embeddings_for = frozenset(c.cell_id for c in cells if c.group == "fig4" or args.keep_embeddings)
+        return print_plan(experiment, store)
+
+    def write_manifest(plan: Plan) -> None:
+        store.write_json("experiment.json", manifest(experiment, plan))
+
+    def run_round(cells: list[Cell], keep: frozenset[str]) -> list[dict]:
+        return run_grid(cells, store, executor=args.executor, workers=args.workers, devices=args.devices,
+                        threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
+                        plugins=args.plugin, force=True, device=args.device, eval_memory=args.eval_memory,
+                        progress=not args.no_progress, keep_embeddings=args.keep_embeddings, embeddings_for=keep)
+
+    print(f"{experiment.name}: {experiment.search.describe(experiment.seeds)} -> {out}", file=sys.stderr)
     try:
-        results = run_grid(cells, store, executor=args.executor, workers=args.workers, devices=args.devices,
-                           threads_per_worker=args.threads_per_worker, ray_address=args.ray_address,
-                           plugins=args.plugin, force=args.force, retry_failed=args.retry_failed, device=args.device,
-                           eval_memory=args.eval_memory, progress=not args.no_progress, embeddings_for=embeddings_for)
+        plan, results = run_search(experiment, store, run_round, force=args.force, retry_failed=args.retry_failed,
+                                   on_plan=write_manifest)
     except MissingExtraError as err:  # e.g. Ray is not installed: the message says how to install it
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -224,6 +240,66 @@ def cmd_run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if not args.no_report:
         return cmd_report(out)
+    return 0
+
+
+def manifest(experiment: Experiment, plan: Plan) -> dict:
+    """``experiment.json``: what the report reads (every finished run requested, with its label and group) and how
+    the hyper-parameters were searched."""
+    return {"name": experiment.name, "description": experiment.description,
+            "cells": [c.to_dict() for c in plan.requested()], "report": dict(experiment.report),
+            "search": {**dataclasses.asdict(experiment.search),
+                       "seeds": list(experiment.seeds),
+                       "selection_seed_list": list(experiment.seeds[: experiment.search.selection_seeds or None]),
+                       "policy": experiment.search.describe(experiment.seeds),
+                       "reused": list(dict.fromkeys(f"{e.label} ({e.group}) from {e.tuned_from}"
+                                                    for e in experiment.models if e.tuned_from)),
+                       "complete": plan.done}}
+
+
+def print_plan(experiment: Experiment, store: ResultStore) -> int:
+    """``run --dry-run``: the next round's cells, every study's stage, the entries waiting for a selection, and the
+    epochs the whole search is estimated to train."""
+    plan = plan_experiment(experiment, store)
+    print(f"# {experiment.name}: {experiment.search.describe(experiment.seeds)}")
+    for study_plan in plan.studies:
+        study = study_plan.study
+        rungs = " ".join(f"{len(r.points)}x{r.budget}ep->{len(r.kept)}" for r in study_plan.rungs)
+        chosen = "" if study_plan.selected is None else f" selected lr={study_plan.selected[0]} " \
+                                                         f"reg={study_plan.selected[1]}"
+        print(f"# study {study.template.label}  {study.template.dataset}  [{study.template.group}]  "
+              f"{study_plan.stage}{' ' + rungs if rungs else ''}{chosen}")
+    for label, dataset, source in plan.waiting:
+        print(f"# waiting {label}  {dataset}: takes lr and λ from {source}'s selection, once that is done")
+    for cell in plan.pending:
+        kind = f"rung {cell.settings.max_epochs}ep" if not cell.final else "run"
+        print(f"{cell.cell_id}  {kind:11s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
+              f"reg={cell.settings.reg_weight} seed={cell.settings.seed}  [{cell.group}]")
+    guess = estimate(experiment, store)
+    print(f"{len(plan.pending)} cells in the next round; the whole search from scratch: {guess.rung_cells} rung "
+          f"cells ({guess.rung_epochs} epochs at most) and {guess.runs} runs to early stopping, about "
+          f"{guess.epochs:,.0f} epochs ({guess.assumption}), at most {guess.max_epochs:,} epochs", file=sys.stderr)
+    return 0
+
+
+def cmd_compare_search(grid: Path, halving: Path, csv: Path | None) -> int:
+    from tabulate import tabulate
+
+    from grcn_bench.reports.search_compare import compare_searches, totals
+
+    comparison = compare_searches(grid, halving)
+    if comparison.empty:
+        print(f"error: {grid} and {halving} select no common (model, dataset) under the standard protocol",
+              file=sys.stderr)
+        return 2
+    print(tabulate(comparison, headers="keys", tablefmt="github", showindex=False, floatfmt=".4g"))
+    summary = totals(comparison)
+    print(f"\nepochs: grid {summary['grid_epochs']:,} / halving {summary['halving_epochs']:,} = "
+          f"{summary['epoch_ratio']:.2f}x; seconds: grid {summary['grid_seconds']:,.0f} / halving "
+          f"{summary['halving_seconds']:,.0f} = {summary['seconds_ratio']:.2f}x; picks: {summary['same']} same, "
+          f"{summary['within_spread']} within the seed spread, {summary['worse']} worse")
+    if csv is not None:
+        comparison.to_csv(csv, index=False)
     return 0
 
 

@@ -79,15 +79,24 @@ class Cell:
     options: Mapping[str, Any] = field(default_factory=dict)
     label: str = ""
     group: str = ""
+    final: bool = True
 
     def canonical(self) -> dict[str, Any]:
-        """The identity of the cell as plain JSON data (sorted keys at every level when serialised)."""
-        return {
+        """The identity of the cell as plain JSON data (sorted keys at every level when serialised).
+
+        A rung of successive halving (``final=False``) trains the first ``max_epochs`` epochs of a run and skips
+        the test set: it is a different cell from a finished run, so it carries ``"rung": true``. Finished runs
+        leave the key out, which keeps their ids what they were before rungs existed.
+        """
+        identity = {
             "model": self.model,
             "options": _plain(self.options),
             "dataset": self.dataset,
             "settings": _plain(dataclasses.asdict(self.settings)),
         }
+        if not self.final:
+            identity["rung"] = True
+        return identity
 
     @property
     def cell_id(self) -> str:
@@ -100,6 +109,10 @@ class Cell:
     def to_dict(self) -> dict[str, Any]:
         return {**self.canonical(), "label": self.label or self.model, "group": self.group, "cell_id": self.cell_id}
 
+    def with_settings(self, **changes: Any) -> Cell:
+        """The same cell with some training settings changed (e.g. another seed, or a rung's epoch budget)."""
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cell:
         settings = dict(data["settings"])
@@ -111,6 +124,7 @@ class Cell:
             options=dict(data.get("options", {})),
             label=data.get("label", ""),
             group=data.get("group", ""),
+            final=not data.get("rung", False),
         )
 
 
@@ -135,6 +149,10 @@ class ModelEntry:
         datasets: this entry's own dataset list (default: the experiment's).
         group: which table or figure the entry feeds ("table2", "table3", "fig3", "fig4", "noise", "audit").
         train: training-setting overrides for this entry (e.g. ``protocol = "official-grcn"`` for the audit).
+        tuned_from: the label of a searched entry (e.g. ``"GRCN"``) whose selected lr and λ on the same dataset
+            this entry reuses instead of searching its own grid (Table 3's variants, Figure 3's T sweep, the noise
+            study). "The same dataset" ignores ``?k=v`` variations: ``synthetic:tiktok?noise=0.4`` takes the point
+            selected on ``synthetic:tiktok``.
     """
 
     name: str
@@ -144,6 +162,58 @@ class ModelEntry:
     datasets: tuple[str, ...] | None = None
     group: str = "table2"
     train: Mapping[str, Any] = field(default_factory=dict)
+    tuned_from: str | None = None
+
+
+SEARCH_METHODS = ("grid", "halving")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How each configuration's lr x λ grid is searched (``docs/protocol.md``, "Hyper-parameter search").
+
+    Args:
+        method: ``"grid"`` trains every point to early stopping; ``"halving"`` (successive halving) trains every
+            point for ``min_epochs``, keeps the best ``1/eta`` on validation Recall@10, multiplies the budget by
+            ``eta``, and so on until ``survivors`` points are left; those train to early stopping.
+        selection_seeds: how many of the experiment's seeds (the first ones) the search runs on and selects with
+            (the mean of their validation Recall@10); the other seeds then run only at the selected point.
+            ``None``: every seed selects, today's protocol.
+        min_epochs: the epoch budget of halving's first rung.
+        eta: halving's reduction factor (>= 2).
+        survivors: how many points halving trains to early stopping (>= 1).
+    """
+
+    method: str = "grid"
+    selection_seeds: int | None = None
+    min_epochs: int = 10
+    eta: int = 3
+    survivors: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {self.method!r}")
+        if self.selection_seeds is not None and self.selection_seeds < 1:
+            raise ValueError(f"selection_seeds must be >= 1, got {self.selection_seeds}")
+        if self.min_epochs < 1 or self.eta < 2 or self.survivors < 1:
+            raise ValueError(f"halving needs min_epochs >= 1, eta >= 2 and survivors >= 1; got min_epochs="
+                             f"{self.min_epochs}, eta={self.eta}, survivors={self.survivors}")
+
+    def describe(self, seeds: Sequence[int]) -> str:
+        """One sentence for reports: the method and the seed policy."""
+        if self.method == "grid":
+            how = "exhaustive grid: every lr x λ point trained to early stopping"
+        else:
+            how = (f"successive halving: every lr x λ point trained {self.min_epochs} epochs, the best 1/{self.eta} "
+                   f"on validation Recall@10 kept at each rung (budget x{self.eta}), the last {self.survivors} "
+                   "trained to early stopping")
+        chosen = list(seeds)[: self.selection_seeds] if self.selection_seeds else list(seeds)
+        rest = list(seeds)[len(chosen):]
+        policy = f"selected on the mean validation Recall@10 of seed{'s' if len(chosen) > 1 else ''} " \
+                 f"{', '.join(map(str, chosen))}"
+        if rest:
+            policy += f"; seed{'s' if len(rest) > 1 else ''} {', '.join(map(str, rest))} run at the selected point only"
+        return f"{how}; {policy}"
 
 
 @dataclass(frozen=True)
@@ -163,8 +233,11 @@ class Experiment:
     train: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     report: Mapping[str, Any] = field(default_factory=dict)
+    search: SearchSettings = field(default_factory=SearchSettings)
 
     def cells(self) -> list[Cell]:
+        """Every cell of the exhaustive grid, entries with ``tuned_from`` included (they search their own grid here;
+        :mod:`.search` resolves them to one point instead)."""
         out: list[Cell] = []
         for entry in self.models:
             datasets = self.datasets if entry.datasets is None else entry.datasets
@@ -193,6 +266,7 @@ class Experiment:
         lr: Sequence[float] | None = None,
         reg: Sequence[float] | None = None,
         train: Mapping[str, Any] | None = None,
+        search: Mapping[str, Any] | None = None,
     ) -> Experiment:
         """A copy with command-line overrides. ``models`` keeps the preset's entries whose name or label is listed,
         and adds a plain entry for any other registered name."""
@@ -214,12 +288,14 @@ class Experiment:
             changes["reg"] = tuple(float(x) for x in reg)
         if train:
             changes["train"] = {**self.train, **{k: v for k, v in train.items() if v is not None}}
+        if search and any(v is not None for v in search.values()):
+            changes["search"] = dataclasses.replace(self.search, **{k: v for k, v in search.items() if v is not None})
         return dataclasses.replace(self, **changes)
 
 
 def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
     """Build an :class:`Experiment` from parsed TOML, with clear errors for missing or unknown keys."""
-    known = {"name", "description", "models", "datasets", "seeds", "lr", "reg", "train", "report"}
+    known = {"name", "description", "models", "datasets", "seeds", "lr", "reg", "train", "report", "search"}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"experiment {name!r}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
@@ -229,7 +305,7 @@ def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
         raise ValueError(f"experiment {name!r}: needs a non-empty 'datasets' list")
     entries = []
     for raw in data["models"]:
-        allowed = {"name", "label", "options", "sweep", "datasets", "group", "train"}
+        allowed = {"name", "label", "options", "sweep", "datasets", "group", "train", "tuned_from"}
         if set(raw) - allowed or "name" not in raw:
             raise ValueError(f"experiment {name!r}: a [[models]] entry needs 'name' and allows only "
                              f"{sorted(allowed - {'name'})}; got {sorted(raw)}")
@@ -242,8 +318,14 @@ def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
                 datasets=tuple(raw["datasets"]) if "datasets" in raw else None,
                 group=raw.get("group", "table2"),
                 train=dict(raw.get("train", {})),
+                tuned_from=raw.get("tuned_from"),
             )
         )
+    search = data.get("search", {})
+    search_keys = {f.name for f in dataclasses.fields(SearchSettings)}
+    if not isinstance(search, Mapping) or set(search) - search_keys:
+        raise ValueError(f"experiment {name!r}: [search] allows only {sorted(search_keys)}; got "
+                         f"{sorted(search) if isinstance(search, Mapping) else type(search).__name__}")
     return Experiment(
         name=data.get("name", name),
         description=data.get("description", ""),
@@ -254,6 +336,7 @@ def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
         reg=tuple(data.get("reg", (1e-4,))),
         train=dict(data.get("train", {})),
         report=dict(data.get("report", {})),
+        search=SearchSettings(**search),
     )
 
 

@@ -126,6 +126,9 @@ def _train_and_test(
     }
     if fitted.best_state is None:  # diverged before any epoch finished: nothing to test
         return out
+    if not cell.final:  # a rung of successive halving: selection reads validation only, test is never touched
+        out["val_metrics"] = fitted.best_metrics if selection_split == "val" else None
+        return out
     started = time.perf_counter()
     test = run_eval("test")
     out["test_seconds"] = time.perf_counter() - started

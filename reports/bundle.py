@@ -561,6 +561,13 @@ def section_timings(bundle: Bundle, runs: Sequence[Run]) -> None:
 # Entry point
 
 
+def _reuse_note(results: Results) -> str:
+    reused = list(dict.fromkeys(results.search.get("reused", [])))
+    if not reused:
+        return ""
+    return f" These rows take the lr and λ selected for another row on the same dataset: {'; '.join(reused)}."
+
+
 def write_report(results_dir: Path, *, reference_rows: bool | None = None, tsne_users: int | None = None,
                  tsne_seed: int | None = None) -> Path:
     """Write ``<results_dir>/report.md`` and ``report.html`` (and the pieces under ``report/``); returns the
@@ -583,6 +590,8 @@ def write_report(results_dir: Path, *, reference_rows: bool | None = None, tsne_
     bundle.heading(f"grcn-bench report: {results.name}", level=1)
     if results.description:
         bundle.note(results.description)
+    # Which search and seed policy produced every table below (docs/protocol.md, "Hyper-parameter search").
+    bundle.note(f"Hyper-parameters: {results.search_policy}.{_reuse_note(results)}")
     cache: dict[str, Any] = {}
     table2 = section_table2(bundle, results, reference=reference, cache=cache)
     groups = [table2, section_table3(bundle, results), section_fig3(bundle, results),

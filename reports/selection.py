@@ -40,6 +40,7 @@ class Run:
     cell: Mapping[str, Any]
     result: Mapping[str, Any] | None
     store: ResultStore = field(repr=False, compare=False)
+    selection_seeds: tuple[int, ...] | None = None  # the seed policy of the search that produced it (None: all)
 
     @property
     def cell_id(self) -> str:
@@ -104,6 +105,12 @@ class Results:
     description: str
     report: Mapping[str, Any]
     runs: tuple[Run, ...]
+    search: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def search_policy(self) -> str:
+        """How the hyper-parameters were searched and which seeds selected them, in one sentence."""
+        return self.search.get("policy") or "exhaustive grid; selected on the mean validation Recall@10 of every seed"
 
     def group(self, name: str) -> list[Run]:
         return [run for run in self.runs if run.group == name]
@@ -125,15 +132,19 @@ def load_results(results_dir: str | Path) -> Results:
     manifest = root / "experiment.json"
     if manifest.is_file():
         experiment = json.loads(manifest.read_text())
+        search = experiment.get("search") or {}
+        chosen = search.get("selection_seed_list")
+        chosen = tuple(int(seed) for seed in chosen) if search.get("selection_seeds") and chosen else None
         runs, seen = [], set()
         for cell in experiment.get("cells", []):
             key = (cell["cell_id"], cell.get("group"), cell.get("label"))
             if key in seen:
                 continue
             seen.add(key)
-            runs.append(Run(cell, store.read(cell["cell_id"]) if store.has(cell["cell_id"]) else None, store))
+            runs.append(Run(cell, store.read(cell["cell_id"]) if store.has(cell["cell_id"]) else None, store,
+                            chosen))
         return Results(root, experiment.get("name", root.name), experiment.get("description", ""),
-                       experiment.get("report", {}), tuple(runs))
+                       experiment.get("report", {}), tuple(runs), search)
     runs = []
     for result in store.results():
         cell = dict(result["cell"])
@@ -305,14 +316,18 @@ def select_config(runs: Sequence[Run], *, metric: str = SELECTION_METRIC) -> Sel
     by_point: dict[tuple[float, float], list[Run]] = {}
     for run in runs:
         by_point.setdefault((float(run.settings["lr"]), float(run.settings["reg_weight"])), []).append(run)
+    # Under a seed policy (docs/protocol.md) only the selection seeds rank the points; the others ran at the
+    # selected point only and would favour it.
+    chosen_seeds = first.selection_seeds
     points, usable_runs = [], {}
     for (lr, reg), point_runs in by_point.items():
         usable = sorted((r for r in point_runs if r.usable), key=lambda r: int(r.settings["seed"]))
         # Deduplicate seeds: the same cell requested twice in one group counts once.
         usable = list({r.cell_id: r for r in usable}.values())
-        score = float(np.mean([r.metric(split, metric) for r in usable])) if usable else None
+        ranking = [r for r in usable if chosen_seeds is None or int(r.settings["seed"]) in chosen_seeds]
+        score = float(np.mean([r.metric(split, metric) for r in ranking])) if ranking else None
         seeds = tuple(sorted({int(r.settings["seed"]) for r in point_runs}))
-        points.append(PointScore(lr, reg, seeds, len(usable), score))
+        points.append(PointScore(lr, reg, seeds, len(ranking), score))
         usable_runs[(lr, reg)] = tuple(usable)
     candidates = [p for p in points if p.usable]
     chosen = max(candidates, key=lambda p: p.rank_key) if candidates else None

@@ -118,13 +118,14 @@ def test_unknown_preset_lists_the_known_ones(tmp_path):
 def test_cli_without_a_command_runs_quick_and_takes_run_options(tmp_path, capsys):
     from grcn_bench.benchmarks.cli import main
 
-    # `run_benchmarks.py --out DIR --dry-run` is `run --out DIR --dry-run`: the quick preset, 48 distinct cells.
+    # `run_benchmarks.py --out DIR --dry-run` is `run --out DIR --dry-run`: the quick preset, 50 distinct cells.
     assert main(["--dry-run", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 48 and "48 cells" in captured.err
-    assert all("pending" in line for line in captured.out.splitlines())
+    cells = [line for line in captured.out.splitlines() if not line.startswith("#")]
+    assert len(cells) == 50 and "50 cells in the next round" in captured.err
+    assert all("  run  " in line for line in cells)  # exhaustive grid: no rungs
     assert main(["-v", "--dry-run", "--out", str(tmp_path)]) == 0  # a global flag first, then run's options
-    assert "48 cells" in capsys.readouterr().err
+    assert "50 cells" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["-v", "run"], ["run", "-v"], ["run"]])

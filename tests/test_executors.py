@@ -427,7 +427,8 @@ def test_cli_options_reach_the_executor(tmp_path, monkeypatch):
                      "--retry-failed"])
     assert code == 0
     assert seen["executor"] == "process" and seen["devices"] == ["cuda:0", "cuda:1"]
-    assert seen["threads_per_worker"] == 3 and seen["retry_failed"] is True and seen["workers"] is None
+    # The search decides what reruns (--retry-failed, --force) and hands the executor exactly those cells.
+    assert seen["threads_per_worker"] == 3 and seen["force"] is True and seen["workers"] is None
     code = cli.main(["run", "--models", "mf", "--datasets", "synthetic:tiny", "--out", str(tmp_path), "--no-report",
                      "--executor", "ray", "--ray-address", "auto", "--workers", "4"])
     assert code == 0 and seen["ray_address"] == "auto" and seen["workers"] == 4 and seen["executor"] == "ray"

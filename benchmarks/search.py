@@ -1,0 +1,376 @@
+"""Hyper-parameter search over each configuration's lr x λ grid: exhaustive or successive halving, with a seed policy
+and entries that reuse another entry's selection (``docs/protocol.md``, "Hyper-parameter search").
+
+A *study* is one configuration (label, model, options, dataset, training settings) whose lr x λ points compete on
+validation Recall@10. Its plan is a pure function of the store: :func:`plan_study` replays the search from the
+results already stored and says which cells the next stage needs. So a search resumes after any interruption with the
+same decisions: a rerun finds the same stored cells, takes the same decisions, and asks only for what is missing.
+Stages run as rounds: every study's next stage is collected, the round runs on any executor (serial, process, Ray),
+and the plans are replayed.
+
+Successive halving here is synchronous: a rung's decision waits for every point of the rung. Asynchronous ASHA
+(Optuna's ``SuccessiveHalvingPruner``, Ray Tune's ``ASHAScheduler``) promotes a trial as soon as it beats the
+rungs seen so far, so its decisions depend on which trials happened to finish first: with two or more workers
+they change from run to run, and a resumed run would not retrace them. Those libraries also keep the decisions in
+their own storage rather than in the result store. The synchronous schedule is a few lines on top of the store and
+is deterministic with every executor, which is what the resume guarantee needs; see ``docs/protocol.md``.
+
+A rung is the first ``budget`` epochs of a run: training does not depend on ``max_epochs`` (no schedule), so a rung
+is exactly the prefix of the finished run, early stopping included. Rungs restart from scratch instead of from a
+checkpoint, so that the committed store (results, no checkpoints) is all a resumed search needs; the repeated
+epochs are counted in :func:`epochs_trained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SELECTION_METRIC, Cell, Experiment, ModelEntry, SearchSettings
+from .store import ResultStore
+
+Point = tuple[float, float]  # (lr, λ)
+
+
+def base_dataset(spec: str) -> str:
+    """The dataset a ``?k=v`` variation derives from (``synthetic:tiktok?noise=0.4`` -> ``synthetic:tiktok``)."""
+    return spec.split("?", 1)[0]
+
+
+@dataclass(frozen=True)
+class Study:
+    """One configuration whose grid is searched: an entry (at one sweep point) on one dataset.
+
+    ``template`` holds everything but lr, λ and seed; ``points`` are in grid order (lr-major), which breaks ties.
+    """
+
+    template: Cell
+    points: tuple[Point, ...]
+    seeds: tuple[int, ...]
+    search: SearchSettings
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.template.label or self.template.model, self.template.dataset)
+
+    @property
+    def selection_seeds(self) -> tuple[int, ...]:
+        return self.seeds[: self.search.selection_seeds] if self.search.selection_seeds else self.seeds
+
+    @property
+    def other_seeds(self) -> tuple[int, ...]:
+        return self.seeds[len(self.selection_seeds):]
+
+    def cell(self, point: Point, seed: int, *, budget: int | None = None) -> Cell:
+        """The cell of ``point`` and ``seed``: a finished run, or a rung of ``budget`` epochs."""
+        lr, reg = point
+        cell = self.template.with_settings(lr=lr, reg_weight=reg, seed=seed)
+        if budget is None:
+            return cell
+        return dataclasses.replace(cell.with_settings(max_epochs=budget), final=False)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of successive halving: its budget, the points that trained it, their scores, who was kept."""
+
+    budget: int
+    points: tuple[Point, ...]
+    scores: tuple[float, ...]
+    kept: tuple[Point, ...]
+
+
+@dataclass
+class StudyPlan:
+    """Where a study stands: the cells its next stage needs (``pending``), or its selected point when done.
+
+    ``stage`` is ``"rungs"``, ``"survivors"`` (the points left train to early stopping on the selection seeds),
+    ``"other seeds"`` (the selected point on the remaining seeds) or ``"done"``.
+    """
+
+    study: Study
+    rungs: list[Rung] = field(default_factory=list)
+    stage: str = "rungs"
+    pending: list[Cell] = field(default_factory=list)
+    finals: list[Cell] = field(default_factory=list)  # finished runs the report selects among
+    selected: Point | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+
+#: ``finished(cell_id)``: whether a cell's stored result counts for this run (see :func:`run_search`'s ``force``).
+Finished = Callable[[str], bool]
+
+
+def score(result: Mapping[str, Any] | None) -> float:
+    """A stored run's selection score: its best selection-split Recall@10 (``-inf`` when it has none)."""
+    if not result:
+        return -math.inf
+    value = (result.get("best_selection_metrics") or {}).get(SELECTION_METRIC)
+    return -math.inf if value is None or not math.isfinite(value) else float(value)
+
+
+def usable(result: Mapping[str, Any] | None) -> bool:
+    """A finished run with validation and test metrics (the report's rule)."""
+    return bool(result and result.get("val_metrics") and result.get("test_metrics"))
+
+
+def mean_score(values: Iterable[float]) -> float:
+    """The mean over seeds; ``-inf`` if any seed has no score (a point is never compared on fewer seeds)."""
+    values = list(values)
+    return -math.inf if not values or -math.inf in values else sum(values) / len(values)
+
+
+def rank_points(points: Sequence[Point], scores: Sequence[float]) -> list[Point]:
+    """Points from best to worst score; ties keep grid order (a stable sort)."""
+    order = sorted(range(len(points)), key=lambda k: -scores[k])
+    return [points[k] for k in order]
+
+
+def plan_study(study: Study, store: ResultStore, finished: Finished | None = None) -> StudyPlan:
+    """Replay ``study``'s search from the store (see the module docstring)."""
+    finished = finished or store.has
+    plan = StudyPlan(study)
+    search, seeds = study.search, study.selection_seeds
+
+    def stored(cell: Cell) -> Mapping[str, Any] | None:
+        return store.read(cell.cell_id) if store.has(cell.cell_id) else None
+
+    def need(cells: list[Cell]) -> bool:
+        plan.pending = [c for c in cells if not finished(c.cell_id)]
+        return bool(plan.pending)
+
+    alive = list(study.points)
+    if search.method == "halving":
+        budget = search.min_epochs
+        while len(alive) > search.survivors and budget < study.template.settings.max_epochs:
+            if need([study.cell(p, s, budget=budget) for p in alive for s in seeds]):
+                return plan
+            scores = [mean_score(score(stored(study.cell(p, s, budget=budget))) for s in seeds) for p in alive]
+            keep = max(search.survivors, math.ceil(len(alive) / search.eta))
+            kept = set(rank_points(alive, scores)[:keep])
+            plan.rungs.append(Rung(budget, tuple(alive), tuple(scores), tuple(p for p in alive if p in kept)))
+            alive = [p for p in alive if p in kept]  # back in grid order
+            budget *= search.eta
+    plan.stage = "survivors"
+    plan.finals = [study.cell(p, s) for p in alive for s in seeds]
+    if need(plan.finals):
+        return plan
+    scores = [mean_score(score(stored(study.cell(p, s))) for s in seeds) for p in alive]
+    counts = [sum(usable(stored(study.cell(p, s))) for s in seeds) for p in alive]
+    # The report's rule (reports/selection.py): most seeds with a usable result first, then the score, then grid order.
+    best = min(range(len(alive)), key=lambda k: (-counts[k], -scores[k], k))
+    plan.selected = alive[best]
+    plan.stage = "other seeds"
+    others = [study.cell(plan.selected, s) for s in study.other_seeds]
+    plan.finals += others
+    if need(others):
+        return plan
+    plan.stage = "done"
+    return plan
+
+
+@dataclass
+class Plan:
+    """An experiment's state: its studies' plans, the entries that reuse a selection, and the next round."""
+
+    studies: list[StudyPlan]
+    reused: list[Cell]  # cells of ``tuned_from`` entries whose source study is done
+    reused_pending: list[Cell]
+    waiting: list[tuple[str, str, str]]  # (label, dataset, source label) whose source study is not done yet
+
+    @property
+    def requests(self) -> list[Cell]:
+        """The next round as requested: every study's next stage and the reused cells not run yet. A cell that two
+        groups need (Table 2's and Figure 4's GAT) appears once per group."""
+        return [c for plan in self.studies for c in plan.pending] + self.reused_pending
+
+    @property
+    def pending(self) -> list[Cell]:
+        """The next round's cells, each once (the first request of each)."""
+        cells: dict[str, Cell] = {}
+        for cell in self.requests:
+            cells.setdefault(cell.cell_id, cell)
+        return list(cells.values())
+
+    @property
+    def done(self) -> bool:
+        return all(plan.done for plan in self.studies) and not self.waiting and not self.reused_pending
+
+    def requested(self) -> list[Cell]:
+        """Every finished run the report reads (rungs are not among them), for ``experiment.json``."""
+        return [c for plan in self.studies for c in plan.finals] + self.reused
+
+
+def _templates(experiment: Experiment, entry: ModelEntry) -> list[Cell]:
+    """One cell per (dataset, sweep point) of ``entry``, at the grid's first point and seed."""
+    single = dataclasses.replace(experiment, models=(entry,), lr=experiment.lr[:1], reg=experiment.reg[:1],
+                                 seeds=experiment.seeds[:1])
+    return single.cells()
+
+
+def studies(experiment: Experiment) -> list[Study]:
+    """The experiment's searched configurations, in entry order (entries with ``tuned_from`` search nothing)."""
+    points = tuple((float(lr), float(reg)) for lr in experiment.lr for reg in experiment.reg)
+    seeds = tuple(int(s) for s in experiment.seeds)
+    return [Study(template, points, seeds, experiment.search)
+            for entry in experiment.models if entry.tuned_from is None
+            for template in _templates(experiment, entry)]
+
+
+def plan_experiment(experiment: Experiment, store: ResultStore, finished: Finished | None = None) -> Plan:
+    """Replay every study from the store and resolve the ``tuned_from`` entries whose source is done."""
+    finished = finished or store.has
+    plans = [plan_study(study, store, finished) for study in studies(experiment)]
+    by_key: dict[tuple[str, str], StudyPlan] = {}
+    for plan in plans:
+        by_key.setdefault(plan.study.key, plan)
+    reused, waiting = [], []
+    for entry in experiment.models:
+        if entry.tuned_from is None:
+            continue
+        for template in _templates(experiment, entry):
+            dataset = base_dataset(template.dataset)
+            source = by_key.get((entry.tuned_from, dataset))
+            if source is None:
+                raise ValueError(
+                    f"experiment {experiment.name!r}: entry {entry.label!r} takes its lr and λ from "
+                    f"{entry.tuned_from!r} on {dataset}, but no searched entry has that label and dataset")
+            if not source.done:
+                waiting.append((entry.label, template.dataset, entry.tuned_from))
+                continue
+            lr, reg = source.selected
+            reused += [template.with_settings(lr=lr, reg_weight=reg, seed=int(s)) for s in experiment.seeds]
+    return Plan(plans, reused, [c for c in reused if not finished(c.cell_id)], waiting)
+
+
+def epochs_trained(store: ResultStore, cells: Iterable[Cell]) -> int:
+    """Epochs the stored ``cells`` trained (rungs included): the cost of a search."""
+    return sum(int(store.read(c.cell_id).get("epochs_run") or 0)
+               for c in {c.cell_id: c for c in cells}.values() if store.has(c.cell_id))
+
+
+def _fig4_sources(experiment: Experiment) -> set[tuple[str, str]]:
+    """(label, dataset) of the studies whose finished runs the t-SNE figure (group fig4) will reuse."""
+    return {(entry.tuned_from, base_dataset(cell.dataset))
+            for entry in experiment.models if entry.group == "fig4" and entry.tuned_from is not None
+            for cell in _templates(experiment, entry)}
+
+
+def keeps_embeddings(experiment: Experiment, cell: Cell) -> bool:
+    """Whether ``cell`` must also store its final embeddings: the t-SNE figure's cells, and the finished runs of
+    the studies it takes its point from (the selected one is not known until they have all run)."""
+    if cell.group == "fig4":
+        return True
+    return cell.final and (cell.label or cell.model, base_dataset(cell.dataset)) in _fig4_sources(experiment)
+
+
+def run_search(
+    experiment: Experiment,
+    store: ResultStore,
+    run_round: Callable[[list[Cell], frozenset[str]], list[dict[str, Any]]],
+    *,
+    force: bool = False,
+    retry_failed: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> tuple[Plan, list[dict[str, Any]]]:
+    """Run ``experiment``'s search round by round until every study and reused entry is done.
+
+    Args:
+        run_round: runs a list of cells (every one of them, stored or not) with the ids that keep embeddings, and
+            returns their results: :func:`.executors.run_grid` with ``force=True`` and the user's executor.
+        force: rerun every cell the search needs, once in this call.
+        retry_failed: rerun the cells stored as failed, once in this call.
+        on_plan: called with the plan before every round and at the end (the CLI writes ``experiment.json``).
+
+    Returns:
+        The final plan and the results of every cell that ran.
+    """
+    ran: set[str] = set()
+
+    def finished(cell_id: str) -> bool:
+        if cell_id in ran:
+            return True
+        if not store.has(cell_id) or force:
+            return False
+        return not (retry_failed and store.status(cell_id) == "failed")
+
+    results: list[dict[str, Any]] = []
+    while True:
+        plan = plan_experiment(experiment, store, finished)
+        if on_plan is not None:
+            on_plan(plan)
+        todo = [c for c in plan.pending if c.cell_id not in ran]
+        if not todo:
+            return plan, results
+        keep = frozenset(c.cell_id for c in plan.requests if keeps_embeddings(experiment, c))
+        results += run_round(todo, keep)
+        ran.update(c.cell_id for c in todo)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Epochs a search trains from an empty store: rungs exactly (at most; early stopping can end a rung sooner),
+    finished runs at ``epochs_per_run`` each (an assumption, see :func:`estimate`) and at most ``max_epochs``."""
+
+    rung_cells: int
+    rung_epochs: int
+    runs: int
+    epochs_per_run: float
+    max_epochs_per_run: int
+    assumption: str
+
+    @property
+    def epochs(self) -> float:
+        return self.rung_epochs + self.runs * self.epochs_per_run
+
+    @property
+    def max_epochs(self) -> int:
+        return self.rung_epochs + self.runs * self.max_epochs_per_run
+
+
+def halving_rungs(points: int, search: SearchSettings, max_epochs: int) -> tuple[list[tuple[int, int]], int]:
+    """(points, budget) of every rung halving trains for ``points`` grid points, and how many points survive them
+    to train to early stopping (the same arithmetic as :func:`plan_study`)."""
+    rungs, budget = [], search.min_epochs
+    while points > search.survivors and budget < max_epochs:
+        rungs.append((points, budget))
+        points = max(search.survivors, math.ceil(points / search.eta))
+        budget *= search.eta
+    return rungs, points
+
+
+def estimate(experiment: Experiment, store: ResultStore | None = None) -> Estimate:
+    """What the whole search trains from scratch. A finished run's epochs are estimated by the median ``epochs_run``
+    of the finished runs already in ``store`` when there are any, else by ``min(max_epochs, 4 x patience)``."""
+    rung_cells = rung_epochs = runs = 0
+    max_per_run = 0
+    unique = {study.template.cell_id: study for study in studies(experiment)}  # a study two groups ask for runs once
+    for study in unique.values():
+        settings = study.template.settings
+        max_per_run = max(max_per_run, settings.max_epochs)
+        points, chosen = len(study.points), len(study.selection_seeds)
+        if study.search.method == "halving":
+            rungs, points = halving_rungs(points, study.search, settings.max_epochs)
+            rung_cells += sum(count * chosen for count, _ in rungs)
+            rung_epochs += sum(count * chosen * budget for count, budget in rungs)
+        runs += points * chosen + len(study.other_seeds)
+    # A reused entry whose options equal its source's (Table 3's GRCN row, the t-SNE figure's) is the source's
+    # selected point: nothing more to train.
+    runs += sum(len(experiment.seeds) for entry in experiment.models if entry.tuned_from is not None
+                for cell in _templates(experiment, entry) if cell.cell_id not in unique)
+    finished = sorted(int(r.get("epochs_run") or 0) for r in (store.results() if store else ())
+                      if r.get("status") == "ok" and not r.get("cell", {}).get("rung"))
+    if finished:
+        per_run = float(finished[len(finished) // 2])
+        assumption = f"median epochs of the {len(finished)} finished runs in the store"
+    else:
+        patience = max((s.template.settings.patience for s in studies(experiment)), default=20)
+        per_run = float(min(max_per_run or 1000, 4 * patience))
+        assumption = "no finished run stored yet: 4 x patience epochs per run"
+    return Estimate(rung_cells, rung_epochs, runs, per_run, max_per_run, assumption)

@@ -1,0 +1,370 @@
+"""Hyper-parameter search: successive halving's decisions against hand-worked cases, the seed policy, entries that
+reuse another's selection, the report's selection under a seed policy, and end to end on synthetic:tiny (a rung is
+the prefix of its finished run; a SIGKILL then a rerun gives the uninterrupted result; the process executor agrees).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from grcn_bench.benchmarks import cli
+from grcn_bench.benchmarks.config import (
+    Cell,
+    Experiment,
+    ModelEntry,
+    SearchSettings,
+    TrainSettings,
+    experiment_from_dict,
+    load_experiment,
+)
+from grcn_bench.benchmarks.executors import run_grid
+from grcn_bench.benchmarks.search import (
+    Study,
+    base_dataset,
+    estimate,
+    halving_rungs,
+    plan_experiment,
+    plan_study,
+    rank_points,
+    run_search,
+)
+from grcn_bench.benchmarks.store import ResultStore
+from grcn_bench.reports.selection import load_results, select
+
+REPO = Path(__file__).resolve().parents[1]
+LRS, REGS = (1e-3, 1e-2, 3e-2), (1e-4, 1e-2)
+POINTS = tuple((lr, reg) for lr in LRS for reg in REGS)
+
+
+def fake_result(cell: Cell, val: float, *, test: float = 0.5, status: str = "ok") -> dict:
+    """A stored result as the runner writes it, with chosen validation and test Recall@10."""
+    epochs = cell.settings.max_epochs if not cell.final else 7
+    return {"cell": cell.to_dict(), "cell_id": cell.cell_id, "status": status, "epochs_run": epochs,
+            "best_selection_metrics": {"recall@10": val},
+            "val_metrics": {"recall@10": val} if status == "ok" else None,
+            "test_metrics": {"recall@10": test} if cell.final and status == "ok" else None}
+
+
+def study(seeds=(0,), **search) -> Study:
+    template = Cell("mf", "synthetic:tiny", TrainSettings(max_epochs=100, patience=5), label="BPR-MF")
+    return Study(template, POINTS, tuple(seeds), SearchSettings(method="halving", **search))
+
+
+# ------------------------------------------------------------------------------ the schedule, hand-worked
+
+
+def test_halving_keeps_the_best_third_per_rung_then_trains_the_survivors():
+    store = ResultStore(Path("/nonexistent-never-written"))
+    s = study(min_epochs=2, eta=3, survivors=1)
+    plan = plan_study(s, store)
+    # Rung 1: every point, 2 epochs, no test.
+    assert plan.stage == "rungs" and len(plan.pending) == 6
+    assert all(not c.final and c.settings.max_epochs == 2 for c in plan.pending)
+    assert [(c.settings.lr, c.settings.reg_weight) for c in plan.pending] == list(POINTS)
+
+
+def test_halving_decisions_replayed_from_the_store(tmp_path):
+    store = ResultStore(tmp_path)
+    s = study(min_epochs=2, eta=3, survivors=1)
+    # Rung 1 scores by point: keep ceil(6 / 3) = 2, the two best: (1e-2, 1e-4) and (3e-2, 1e-2).
+    rung1 = dict(zip(POINTS, (0.10, 0.20, 0.40, 0.05, 0.30, 0.35), strict=True))
+    for point, val in rung1.items():
+        cell = s.cell(point, 0, budget=2)
+        store.write(cell.cell_id, fake_result(cell, val))
+    plan = plan_study(s, store)
+    assert [r.kept for r in plan.rungs] == [((1e-2, 1e-4), (3e-2, 1e-2))]
+    assert plan.stage == "rungs" and {c.settings.max_epochs for c in plan.pending} == {6}
+    # Rung 2 (6 epochs): the later point wins; one survivor left, trained to early stopping.
+    for point, val in (((1e-2, 1e-4), 0.41), ((3e-2, 1e-2), 0.45)):
+        cell = s.cell(point, 0, budget=6)
+        store.write(cell.cell_id, fake_result(cell, val))
+    plan = plan_study(s, store)
+    assert plan.rungs[1].kept == ((3e-2, 1e-2),)
+    assert plan.stage == "survivors" and [c.final for c in plan.pending] == [True]
+    assert plan.pending[0].settings.max_epochs == 100
+    cell = plan.pending[0]
+    store.write(cell.cell_id, fake_result(cell, 0.5))
+    plan = plan_study(s, store)
+    assert plan.done and plan.selected == (3e-2, 1e-2)
+
+
+def test_ties_keep_grid_order_and_a_failed_point_ranks_last():
+    assert rank_points(POINTS[:3], (0.2, 0.2, 0.3)) == [POINTS[2], POINTS[0], POINTS[1]]
+    assert rank_points(POINTS[:2], (-math.inf, 0.0)) == [POINTS[1], POINTS[0]]
+
+
+def test_selection_seeds_rank_on_their_mean_and_other_seeds_run_at_the_selected_point(tmp_path):
+    store = ResultStore(tmp_path)
+    s = study(seeds=(0, 1, 2), selection_seeds=2, min_epochs=2, survivors=2)
+    plan = plan_study(s, store)
+    assert {c.settings.seed for c in plan.pending} == {0, 1}  # seed 2 never runs a rung
+    # Mean over seeds 0 and 1: (1e-3, 1e-4) has the best seed-0 score but the worse mean.
+    vals = {POINTS[0]: (0.9, 0.1), POINTS[1]: (0.6, 0.6), POINTS[2]: (0.5, 0.55)}
+    for point in POINTS:
+        for seed in (0, 1):
+            cell = s.cell(point, seed, budget=2)
+            store.write(cell.cell_id, fake_result(cell, vals.get(point, (0.0, 0.0))[seed]))
+    plan = plan_study(s, store)
+    assert plan.rungs[0].kept == (POINTS[1], POINTS[2])  # means 0.6 and 0.525 beat 0.5
+    for cell in plan.pending:
+        store.write(cell.cell_id, fake_result(cell, 0.7 if cell.settings.lr == POINTS[2][0] else 0.6))
+    plan = plan_study(s, store)
+    assert plan.selected == POINTS[2] and plan.stage == "other seeds"
+    assert [(c.settings.lr, c.settings.reg_weight, c.settings.seed) for c in plan.pending] == [(*POINTS[2], 2)]
+
+
+def test_selection_never_reads_test_metrics(tmp_path):
+    """The planner picks the same point whatever the stored test metrics say."""
+    chosen = []
+    for test_values in ((0.1, 0.9), (0.9, 0.1)):
+        store = ResultStore(tmp_path / str(test_values))
+        s = Study(study().template, POINTS[:2], (0,), SearchSettings())
+        for point, val, test in zip(POINTS[:2], (0.3, 0.2), test_values, strict=True):
+            cell = s.cell(point, 0)
+            store.write(cell.cell_id, fake_result(cell, val, test=test))
+        chosen.append(plan_study(s, store).selected)
+    assert chosen == [POINTS[0], POINTS[0]]
+
+
+def test_the_schedule_arithmetic_of_the_paper_grid():
+    search = SearchSettings(method="halving")  # min 10 epochs, eta 3, 2 survivors
+    assert halving_rungs(15, search, 1000) == ([(15, 10), (5, 30)], 2)
+    assert halving_rungs(2, search, 1000) == ([], 2)
+    assert halving_rungs(15, search, 20) == ([(15, 10)], 5)  # the budget reached max_epochs: 5 points finish
+
+
+def test_estimate_counts_rungs_runs_and_other_seeds():
+    experiment = Experiment("t", (ModelEntry("mf", "BPR-MF"),), ("synthetic:tiny",), seeds=(0, 1, 2), lr=LRS,
+                            reg=REGS, train={"patience": 5},
+                            search=SearchSettings(method="halving", selection_seeds=1, min_epochs=2, survivors=1))
+    guess = estimate(experiment)
+    # Rungs: 6 points x 2 epochs, then 2 x 6; one survivor on seed 0, then seeds 1 and 2.
+    assert (guess.rung_cells, guess.rung_epochs, guess.runs) == (8, 24, 3)
+    assert guess.epochs == 24 + 3 * 20 and "4 x patience" in guess.assumption
+
+
+# ------------------------------------------------------------------------------ tuned once, reused
+
+
+def reuse_experiment(**search) -> Experiment:
+    return Experiment(
+        "t",
+        (ModelEntry("mf", "BPR-MF"),
+         ModelEntry("mf", "BPR-MF-wide", options={"embedding_dim": 32}, group="table3", tuned_from="BPR-MF"),
+         ModelEntry("mf", "BPR-MF", group="noise", tuned_from="BPR-MF",
+                    datasets=("synthetic:tiny?noise=0.4",))),
+        ("synthetic:tiny",), seeds=(0, 1), lr=LRS[:2], reg=REGS[:1], train={"max_epochs": 4, "patience": 2},
+        search=SearchSettings(**search))
+
+
+def test_reused_entries_wait_for_their_source_then_take_its_point(tmp_path):
+    experiment, store = reuse_experiment(), ResultStore(tmp_path)
+    plan = plan_experiment(experiment, store)
+    assert [w[0] for w in plan.waiting] == ["BPR-MF-wide", "BPR-MF"] and not plan.reused
+    assert {c.label for c in plan.pending} == {"BPR-MF"}  # only the source's grid runs in the first round
+    for cell in plan.pending:
+        store.write(cell.cell_id, fake_result(cell, 0.2 if cell.settings.lr == LRS[1] else 0.1))
+    plan = plan_experiment(experiment, store)
+    assert not plan.waiting
+    assert {(c.label, c.dataset, c.settings.lr, c.settings.seed) for c in plan.pending} == {
+        ("BPR-MF-wide", "synthetic:tiny", LRS[1], 0), ("BPR-MF-wide", "synthetic:tiny", LRS[1], 1),
+        ("BPR-MF", "synthetic:tiny?noise=0.4", LRS[1], 0), ("BPR-MF", "synthetic:tiny?noise=0.4", LRS[1], 1)}
+    assert base_dataset("synthetic:tiny?noise=0.4") == "synthetic:tiny"
+
+
+def test_a_reused_entry_without_a_source_is_refused_by_name(tmp_path):
+    experiment = Experiment("t", (ModelEntry("mf", "X", tuned_from="GRCN"),), ("synthetic:tiny",))
+    with pytest.raises(ValueError, match=r"entry 'X' takes its lr and λ from 'GRCN' on synthetic:tiny"):
+        plan_experiment(experiment, ResultStore(tmp_path))
+
+
+def test_search_settings_and_tuned_from_parse_from_toml_and_bad_values_are_refused():
+    experiment = experiment_from_dict({
+        "models": [{"name": "mf"}, {"name": "mf", "label": "Y", "tuned_from": "mf"}], "datasets": ["synthetic:tiny"],
+        "search": {"method": "halving", "selection_seeds": 1, "eta": 2}}, name="x")
+    assert experiment.search == SearchSettings(method="halving", selection_seeds=1, eta=2)
+    assert experiment.models[1].tuned_from == "mf"
+    with pytest.raises(ValueError, match=r"\[search\] allows only"):
+        experiment_from_dict({"models": [{"name": "mf"}], "datasets": ["d"], "search": {"rungs": 3}}, name="x")
+    for bad in ({"method": "random"}, {"eta": 1}, {"selection_seeds": 0}, {"survivors": 0}):
+        with pytest.raises(ValueError):
+            SearchSettings(**bad)
+
+
+def test_the_paper_preset_lists_its_cells_and_an_estimate(capsys):
+    code = cli.main(["run", "paper", "--dry-run", "--out", "/nonexistent-dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "successive halving" in out
+    assert "# waiting Visual  synthetic:tiktok: takes lr and λ from GRCN's selection" in out
+    assert "rung 10ep" in out and "runs to early stopping, about" in err
+    experiment = load_experiment("paper")
+    assert {e.group for e in experiment.models} == {"table2", "table3", "fig3", "fig4", "noise", "audit"}
+    assert all(e.tuned_from for e in experiment.models if e.group in {"table3", "fig3", "fig4", "noise"})
+
+
+# ------------------------------------------------------------------------------ the report under a seed policy
+
+
+def test_the_report_selects_on_the_selection_seeds_only(tmp_path):
+    """Seed 1 ran at the selected point only: its high score must not count, and its test metrics must."""
+    store = ResultStore(tmp_path)
+    template = Cell("mf", "synthetic:tiny", TrainSettings(), label="BPR-MF")
+    rows = [(1e-3, 0, 0.30, 0.1), (1e-2, 0, 0.31, 0.2), (1e-2, 1, 0.05, 0.4)]
+    cells = []
+    for lr, seed, val, test in rows:
+        cell = template.with_settings(lr=lr, seed=seed)
+        store.write(cell.cell_id, fake_result(cell, val, test=test))
+        cells.append(cell)
+    search = {"method": "grid", "selection_seeds": 1, "selection_seed_list": [0], "policy": "seed 0 selects"}
+    store.write_json("experiment.json", {"name": "t", "cells": [c.to_dict() for c in cells], "search": search})
+    results = load_results(tmp_path)
+    [selection] = select(results.runs)
+    # All seeds would pick 1e-3 (0.30 against mean(0.31, 0.05) = 0.18); seed 0 alone picks 1e-2.
+    assert (selection.chosen.lr, selection.chosen.score) == (1e-2, 0.31)
+    assert selection.seeds == (0, 1) and selection.test_mean("recall@10") == pytest.approx(0.3)
+    assert results.search_policy == "seed 0 selects"
+
+
+# ------------------------------------------------------------------------------ end to end on synthetic:tiny
+
+TINY = ["--models", "mf", "--datasets", "synthetic:tiny", "--lr", "1e-3", "1e-2", "3e-2", "--reg", "1e-4", "1e-2",
+        "--seeds", "0", "1", "--search", "halving", "--selection-seeds", "1", "--min-epochs", "2", "--survivors", "1",
+        "--max-epochs", "12", "--patience", "3", "--no-progress"]
+
+
+def outcome(result: dict) -> dict:
+    history = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in result["history"]]
+    keys = ("status", "best_epoch", "epochs_run", "test_metrics", "val_metrics", "best_selection_metrics")
+    return {**{k: result[k] for k in keys}, "history": history}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("halving")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["run", *TINY, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return ResultStore(out)
+
+
+def test_halving_on_tiny_trains_stores_and_reports(uninterrupted):
+    manifest = json.loads((uninterrupted.root / "experiment.json").read_text())
+    assert manifest["search"]["complete"] and manifest["search"]["method"] == "halving"
+    rungs = [r for r in uninterrupted.results() if r["cell"].get("rung")]
+    finals = [r for r in uninterrupted.results() if not r["cell"].get("rung")]
+    assert len(rungs) == 6 + 2 and all(r["test_metrics"] is None for r in rungs)
+    assert len(finals) == 2 and {r["cell"]["settings"]["seed"] for r in finals} == {0, 1}
+    assert len({(r["cell"]["settings"]["lr"], r["cell"]["settings"]["reg_weight"]) for r in finals}) == 1
+    # A rung is the prefix of its finished run: same losses and validation metrics, epoch for epoch.
+    final = next(r for r in finals if r["cell"]["settings"]["seed"] == 0)
+    point = (final["cell"]["settings"]["lr"], final["cell"]["settings"]["reg_weight"])
+    rung = next(r for r in rungs if r["cell"]["settings"]["max_epochs"] == 6
+                and (r["cell"]["settings"]["lr"], r["cell"]["settings"]["reg_weight"]) == point)
+    strip = [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in rung["history"]]
+    assert strip == [{k: v for k, v in h.items() if not k.endswith("seconds")}
+                     for h in final["history"][: len(strip)]]
+    report = (uninterrupted.root / "report.md").read_text()
+    assert "successive halving" in report
+
+
+def test_halving_resumes_after_a_sigkill_with_the_uninterrupted_result(tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen([sys.executable, str(REPO / "run_benchmarks.py"), "run", *TINY, "--out", str(out),
+                               "--no-report"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    store = ResultStore(out)
+    deadline = time.monotonic() + 120
+    while len(store.cell_ids()) < 4 and runner.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.poll() is None, f"the runner ended before it could be killed: {runner.stderr.read().decode()}"
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    runner.stderr.close()
+    assert 4 <= len(store.cell_ids()) < len(uninterrupted.cell_ids())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["run", *TINY, "--out", str(out), "--no-report"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert store.cell_ids() == uninterrupted.cell_ids()
+    for cell_id in store.cell_ids():
+        assert outcome(store.read(cell_id)) == outcome(uninterrupted.read(cell_id)), cell_id
+    manifest = json.loads((out / "experiment.json").read_text())
+    assert manifest == json.loads((uninterrupted.root / "experiment.json").read_text())
+
+
+def test_the_process_executor_makes_the_same_decisions(tmp_path, uninterrupted):
+    experiment = Experiment("adhoc", (ModelEntry("mf", "mf"),), ("synthetic:tiny",), seeds=(0, 1), lr=LRS,
+                            reg=REGS, train={"max_epochs": 12, "patience": 3},
+                            search=SearchSettings(method="halving", selection_seeds=1, min_epochs=2, survivors=1))
+    store = ResultStore(tmp_path)
+
+    def run_round(cells, keep):
+        return run_grid(cells, store, executor="process", workers=2, threads_per_worker=1, force=True,
+                        progress=False, embeddings_for=keep)
+
+    plan, results = run_search(experiment, store, run_round)
+    assert plan.done and len(results) == 10
+    assert store.cell_ids() == uninterrupted.cell_ids()
+    for cell_id in store.cell_ids():
+        assert outcome(store.read(cell_id)) == outcome(uninterrupted.read(cell_id)), cell_id
+
+
+# ------------------------------------------------------------------------------ results as a DataFrame
+
+
+def test_the_frame_has_one_row_per_cell_and_marks_what_the_report_averages(uninterrupted):
+    from grcn_bench.reports import results_frame
+
+    frame = results_frame(uninterrupted.root)
+    assert len(frame) == 10 and set(frame.stage) == {"rung", "run"}
+    assert frame[frame.stage == "rung"]["test_recall@10"].isna().all()
+    chosen = frame[frame.selected]
+    assert sorted(chosen.seed) == [0, 1] and (chosen.stage == "run").all()
+    [selection] = select(load_results(uninterrupted.root).runs)
+    assert chosen["test_recall@10"].mean() == pytest.approx(selection.test_mean("recall@10"), abs=0)
+    assert len(results_frame(uninterrupted.root, rungs=False)) == 2
+    assert {"lr", "reg_weight", "epochs_run", "seconds", "val_ndcg@10"} <= set(frame.columns)
+
+
+def test_compare_search_judges_picks_against_the_seed_spread(tmp_path):
+    from grcn_bench.reports.search_compare import compare_searches, totals
+
+    template = Cell("mf", "synthetic:tiny", TrainSettings(), label="BPR-MF")
+
+    def write(root, rows, search=None):
+        store, cells = ResultStore(root), []
+        for lr, seed, val in rows:
+            cell = template.with_settings(lr=lr, seed=seed)
+            store.write(cell.cell_id, fake_result(cell, val))
+            cells.append(cell)
+        store.write_json("experiment.json", {"name": "t", "cells": [c.to_dict() for c in cells],
+                                             "search": search or {}})
+
+    # The grid picks 1e-2 (0.40); halving kept 1e-3 (0.38 on seed 0, seeds 1-2 at 0.30 and 0.46: std 0.08).
+    write(tmp_path / "grid", [(1e-3, 0, 0.38), (1e-2, 0, 0.40), (3e-2, 0, 0.1)])
+    write(tmp_path / "halving", [(1e-3, 0, 0.38), (1e-3, 1, 0.30), (1e-3, 2, 0.46)],
+          {"selection_seeds": 1, "selection_seed_list": [0]})
+    [row] = compare_searches(tmp_path / "grid", tmp_path / "halving").to_dict("records")
+    assert (row["grid_lr"], row["halving_lr"], row["verdict"]) == (1e-2, 1e-3, "within spread")
+    assert row["seed_spread"] == pytest.approx(0.08) and row["halving_val_recall@10"] == 0.38
+    assert (row["grid_epochs"], row["halving_epochs"]) == (21, 7)  # 7 epochs per fake run, seed 0 only
+    assert totals(pd.DataFrame([row]))["epoch_ratio"] == 3.0
+    write(tmp_path / "halving", [(1e-3, 0, 0.38), (1e-3, 1, 0.37), (1e-3, 2, 0.39)],
+          {"selection_seeds": 1, "selection_seed_list": [0]})
+    assert compare_searches(tmp_path / "grid", tmp_path / "halving").verdict.tolist() == ["worse"]
