@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-epochs", type=int, help="upper bound on epochs (default 1000)")
     run.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 20)")
     run.add_argument("--batch-size", type=int, help="triplets per batch (default 1024)")
-    run.add_argument("--protocol", choices=["standard", "official-grcn"], help="evaluation protocol (SPEC §4)")
+    run.add_argument("--protocol", choices=["standard", "official-grcn"],
+                     help="evaluation protocol: standard, or the released code's (audit only; docs/protocol.md)")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
     run.add_argument("--eval-memory", type=_parse_memory, default="1G",
                      help="memory budget for one batch of evaluation scores (default 1G)")
@@ -295,8 +296,8 @@ def cmd_compare_search(grid: Path, halving: Path, csv: Path | None) -> int:
     print(tabulate(comparison, headers="keys", tablefmt="github", showindex=False, floatfmt=".4g"))
     summary = totals(comparison)
     print(f"\nepochs: grid {summary['grid_epochs']:,} / halving {summary['halving_epochs']:,} = "
-          f"{summary['epoch_ratio']:.2f}x; seconds: grid {summary['grid_seconds']:,.0f} / halving "
-          f"{summary['halving_seconds']:,.0f} = {summary['seconds_ratio']:.2f}x; picks: {summary['same']} same, "
+          f"{summary['epoch_ratio']:.2f}x; seconds: grid {summary['grid_cpu_seconds']:,.0f} / halving "
+          f"{summary['halving_cpu_seconds']:,.0f} = {summary['seconds_ratio']:.2f}x; picks: {summary['same']} same, "
           f"{summary['within_spread']} within the seed spread, {summary['worse']} worse")
     if csv is not None:
         comparison.to_csv(csv, index=False)

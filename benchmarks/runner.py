@@ -53,7 +53,7 @@ def run_cell(
     dataset_loader: Callable[[str], RecDataset] = cached_dataset,
 ) -> dict[str, Any]:
     """Train and test one cell, write its result to ``store`` and return it (never raises for a model error)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if device.startswith("cuda") and torch.cuda.is_available():  # a reused worker: peak of this cell only
         torch.cuda.reset_peak_memory_stats(torch.device(device))
     result: dict[str, Any] = {"cell": cell.to_dict(), "cell_id": cell.cell_id, "environment": environment(device)}
@@ -75,6 +75,9 @@ def run_cell(
         result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         arrays.clear()
     result["seconds"] = time.perf_counter() - started
+    # CPU time of this process (all its threads): what a cell costs, much less sensitive than wall time to
+    # whatever else the machine runs.
+    result["cpu_seconds"] = time.process_time() - cpu_started
     result["peak_rss_bytes"] = peak_rss_bytes()
     if device.startswith("cuda") and torch.cuda.is_available():
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))

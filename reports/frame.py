@@ -30,7 +30,7 @@ from .selection import load_results, select
 
 COLUMNS = ("cell_id", "label", "group", "model", "dataset", "stage", "protocol", "lr", "reg_weight", "seed",
            "max_epochs", "patience", "batch_size", "options", "status", "selected", "best_epoch", "epochs_run",
-           "seconds", "test_seconds")
+           "seconds", "cpu_seconds", "test_seconds")
 
 
 def results_frame(results_dir: str | Path, *, rungs: bool = True) -> pd.DataFrame:
@@ -88,6 +88,7 @@ def _row(cell: Mapping[str, Any], result: Mapping[str, Any], *, group: str, labe
         "best_epoch": result.get("best_epoch"),
         "epochs_run": result.get("epochs_run"),
         "seconds": result.get("seconds"),
+        "cpu_seconds": result.get("cpu_seconds"),
         "test_seconds": result.get("test_seconds"),
     }
     for split in ("val", "test"):

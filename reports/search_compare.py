@@ -1,5 +1,5 @@
 """Exhaustive grid against successive halving, per (model, dataset): the selected points, their validation
-Recall@10, the seed-to-seed spread, and what each search trained (epochs and seconds).
+Recall@10, the seed-to-seed spread, and what each search trained (epochs and CPU seconds).
 
 ``grcn-bench compare-search GRID_DIR HALVING_DIR`` prints the table; ``docs/results.md`` holds today's numbers. Both
 directories are results directories of the same grid (``GRID_DIR`` searched with ``--search grid``, ``HALVING_DIR``
@@ -27,10 +27,12 @@ def _selections(results_dir: Path) -> dict[tuple[str, str], Selection]:
 
 
 def _cost(frame: pd.DataFrame, label: str, dataset: str, seeds: set[int]) -> tuple[int, float]:
-    """Epochs and seconds every stored cell of ``(label, dataset)`` on ``seeds`` trained, rungs included."""
+    """Epochs and CPU seconds every stored cell of ``(label, dataset)`` on ``seeds`` trained, rungs included (wall
+    seconds for results stored before CPU time was recorded)."""
     rows = frame[(frame.label == label) & (frame.dataset == dataset) & (frame.protocol == "standard")
                  & frame.seed.isin(seeds)].drop_duplicates("cell_id")
-    return int(rows.epochs_run.fillna(0).sum()), float(rows.seconds.fillna(0).sum())
+    seconds = rows.cpu_seconds.fillna(rows.seconds).fillna(0)
+    return int(rows.epochs_run.fillna(0).sum()), float(seconds.sum())
 
 
 def compare_searches(grid_dir: str | Path, halving_dir: str | Path) -> pd.DataFrame:
@@ -52,8 +54,8 @@ def compare_searches(grid_dir: str | Path, halving_dir: str | Path) -> pd.DataFr
         same = (g.chosen.lr, g.chosen.reg_weight) == (h.chosen.lr, h.chosen.reg_weight)
         verdict = "same" if same else ("within spread" if spread is not None and gap is not None and gap <= spread
                                        else "worse")
-        grid_epochs, grid_seconds = _cost(grid_frame, *key, selection_seeds or seeds)
-        halving_epochs, halving_seconds = _cost(halving_frame, *key, selection_seeds or seeds)
+        grid_epochs, grid_cpu_seconds = _cost(grid_frame, *key, selection_seeds or seeds)
+        halving_epochs, halving_cpu_seconds = _cost(halving_frame, *key, selection_seeds or seeds)
         rows.append({
             "label": key[0], "dataset": key[1],
             "grid_lr": g.chosen.lr, "grid_reg": g.chosen.reg_weight, "grid_val_recall@10": g.chosen.score,
@@ -61,7 +63,7 @@ def compare_searches(grid_dir: str | Path, halving_dir: str | Path) -> pd.DataFr
             "halving_val_recall@10": None if halving_point is None else halving_point.score,
             "seed_spread": spread, "verdict": verdict,
             "grid_epochs": grid_epochs, "halving_epochs": halving_epochs,
-            "grid_seconds": grid_seconds, "halving_seconds": halving_seconds,
+            "grid_cpu_seconds": grid_cpu_seconds, "halving_cpu_seconds": halving_cpu_seconds,
         })
     return pd.DataFrame(rows)
 
@@ -69,11 +71,11 @@ def compare_searches(grid_dir: str | Path, halving_dir: str | Path) -> pd.DataFr
 def totals(comparison: pd.DataFrame) -> dict[str, float]:
     """Epochs and seconds over every configuration, and their ratios (grid / halving)."""
     grid_epochs, halving_epochs = comparison.grid_epochs.sum(), comparison.halving_epochs.sum()
-    grid_seconds, halving_seconds = comparison.grid_seconds.sum(), comparison.halving_seconds.sum()
+    grid_cpu_seconds, halving_cpu_seconds = comparison.grid_cpu_seconds.sum(), comparison.halving_cpu_seconds.sum()
     return {"grid_epochs": int(grid_epochs), "halving_epochs": int(halving_epochs),
             "epoch_ratio": float(grid_epochs / halving_epochs) if halving_epochs else float("nan"),
-            "grid_seconds": float(grid_seconds), "halving_seconds": float(halving_seconds),
-            "seconds_ratio": float(grid_seconds / halving_seconds) if halving_seconds else float("nan"),
+            "grid_cpu_seconds": float(grid_cpu_seconds), "halving_cpu_seconds": float(halving_cpu_seconds),
+            "seconds_ratio": float(grid_cpu_seconds / halving_cpu_seconds) if halving_cpu_seconds else float("nan"),
             "same": int((comparison.verdict == "same").sum()),
             "within_spread": int((comparison.verdict == "within spread").sum()),
             "worse": int((comparison.verdict == "worse").sum())}
