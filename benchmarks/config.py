@@ -1,4 +1,4 @@
-"""Typed settings and experiments: a TOML experiment expands into independent cells (SPEC §5, DESIGN.md).
+"""Typed settings and experiments: a TOML experiment expands into independent cells (docs/protocol.md, "Experiments").
 
 A cell is one training run: (model, options, dataset spec, seed, lr, λ) plus the training settings that change its
 result. Its id is a hash of its canonical JSON, so the same cell always has the same id and a rerun finds it in the
@@ -30,7 +30,7 @@ SELECTION_METRIC = "recall@10"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Everything about training and evaluation that changes a result (SPEC §3, §4).
+    """Everything about training and evaluation that changes a result (docs/protocol.md, "Training" and "Evaluation").
 
     Args:
         lr: Adam learning rate.
@@ -40,7 +40,7 @@ class TrainSettings:
         max_epochs: upper bound on epochs (1000).
         patience: epochs without a better validation Recall@10 before stopping (20).
         ks: cut-offs of every reported metric; 10 must be among them (selection uses Recall@10).
-        protocol: "standard" (SPEC §4.1) or "official-grcn" (the released code's protocol, §4.3, audit only).
+        protocol: "standard" or "official-grcn" (the released code's protocol, audit only).
     """
 
     lr: float = 1e-3
@@ -221,7 +221,8 @@ class Experiment:
     """An experiment preset (``benchmarks/experiments/<name>.toml``), expanded by :meth:`cells`.
 
     The lr x λ grid, seeds and datasets are crossed with every model entry (and every point of its ``sweep``);
-    hyper-parameters are later selected per (label, dataset) on validation Recall@10 (SPEC §4.4).
+    hyper-parameters are later selected per (label, dataset) on validation Recall@10 (docs/protocol.md, "Hyper-parameter
+    selection").
     """
 
     name: str

@@ -1,4 +1,4 @@
-r"""Full-ranking evaluation: every item the user has not consumed is a candidate (SPEC §4.1, §4.3).
+r"""Full-ranking evaluation: every item the user has not consumed is a candidate (docs/protocol.md, "Evaluation").
 
 One forward pass in eval mode gives the embeddings; users are then ranked in batches whose size comes from a memory
 budget. Each batch goes through four small steps, each its own function so that one can be replaced without touching
@@ -17,11 +17,12 @@ the others (a faster scoring path, for instance):
 
 Protocols:
 
-- ``"standard"`` (default, SPEC §4.1): validation masks the user's training items; test masks training and validation
-  items; masked scores are :math:`-\infty`; NDCG's IDCG runs over :math:`\min(|P|, K)` positions.
-- ``"official-grcn"`` (SPEC §4.3, for the protocol audit only): training items get the score ``1e-5`` instead (so they
-  still outrank every negative score), validation items are not masked at test time, and NDCG's IDCG runs over
-  :math:`\min(\mathrm{hits}, K)` positions.
+- ``"standard"`` (default, docs/protocol.md, "Evaluation"): validation masks the user's training items; test masks
+  training and validation items; masked scores are :math:`-\infty`; NDCG's IDCG runs over :math:`\min(|P|, K)`
+  positions.
+- ``"official-grcn"`` (for the protocol audit only; docs/protocol.md, "The released code's protocol"): training
+  items get the score ``1e-5`` instead (so they still outrank every negative score), validation items are not masked
+  at test time, and NDCG's IDCG runs over :math:`\min(\mathrm{hits}, K)` positions.
 
 In both, users with no held-out positive in the split are skipped and metrics are averaged over the rest.
 """
@@ -61,7 +62,7 @@ SCORE_BLOCKS = 2
 
 @dataclass(frozen=True)
 class Protocol:
-    """How an evaluation protocol masks and normalises (SPEC §4.1, §4.3)."""
+    """How an evaluation protocol masks and normalises."""
 
     name: str
     mask_value: float
@@ -286,7 +287,7 @@ class BufferedDotScores:
     ``torch.mm`` sums otherwise).
 
     On the CPUs this suite is measured on, OpenBLAS through ``np.matmul(..., out=buffer)`` reaches 70-85 % of the
-    machine's dense matmul rate on these shapes, ``torch.mm`` 30-50 % (ENVIRONMENT.md), and reusing the buffer avoids
+    machine's dense matmul rate on these shapes, ``torch.mm`` 30-50 %, and reusing the buffer avoids
     a page-faulting allocation of the size of the budget for every batch. Its scores can differ from ``torch.mm``'s
     in the last bit, and OpenBLAS gives some of a user's scores other last bits in batches of other sizes. Each call
     overwrites the previous call's scores: use them (mask, rank) before the next call.

@@ -1,5 +1,4 @@
-"""Executors: run a grid of cells one after another, on a local process pool, or as Ray tasks (DESIGN.md "Running on
-more than one machine").
+"""Executors: run a grid of cells one after another, on a local process pool, or as Ray tasks (docs/cluster.md).
 
 Every executor calls the same :func:`~.runner.run_cell` on the same cells, so all give the same results. A worker
 writes its own cell's files into the results directory (atomically, see :mod:`.store`), so workers on other machines

@@ -1,16 +1,15 @@
-"""How the processes that train and evaluate get their memory from the C library (README, Performance).
+"""How the processes that train and evaluate get their memory from the C library (docs/kernels.md, "Heap settings").
 
 glibc's ``malloc`` hands every block over 32 MB (most of a full-scale model's tensors: Tiktok's ``[76085, 256]``
 item matrix is 78 MB) to a fresh ``mmap`` and returns it to the kernel on ``free``. A training step allocates and frees
 the same few dozen large tensors every time, so each one is page-faulted and zero-filled by the kernel again at every
-step: a division written into a fresh ``[3, 36656, 64]`` tensor measured 11-26 ms here, into a reused one 3 ms.
+step: writing into a fresh tensor of that size costs several times as much as writing into a reused one.
 :func:`keep_freed_memory` makes ``malloc`` serve those blocks from its heap and keep freed memory there for the next
 step. Results are unchanged (the same arithmetic on the same values); only where the bytes live changes.
 
-Measured on 2 cores at Tiktok scale (medians of alternating runs): a GRCN batch took 2.4-2.7 s with it, 3.0-3.5 s
-without. PyTorch's transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, which the command line sets) still pay on top
-of it (GRCN 2.0 / 2.5 s with them, 3.0 / 3.4 s without: the sparse products gather rows from tens of megabytes), at
-the price of a more fragmented heap (MMGCN's peak RSS 3.3-3.9 GB instead of 2.6-2.9 GB).
+PyTorch's transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, which the command line sets) still pay on top of it,
+because the sparse products gather rows from tens of megabytes, at the price of a more fragmented heap and a higher
+peak RSS.
 """
 
 from __future__ import annotations

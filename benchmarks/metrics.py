@@ -1,4 +1,4 @@
-r"""Top-K ranking metrics per user, vectorised over a batch of users (SPEC §4.2, §4.3).
+r"""Top-K ranking metrics per user, vectorised over a batch of users (docs/protocol.md, "Metrics").
 
 The pipeline is three small steps, each a pure function, so that the evaluator (and a faster scoring path later) can
 swap any of them:
@@ -16,9 +16,9 @@ For a user with held-out positives :math:`P` and top-K list :math:`L` (ranks :ma
     \mathrm{Recall@K} = \frac{\mathrm{hits}}{|P|}, \quad
     \mathrm{NDCG@K} = \frac{\sum_{r:\, L_r \in P} 1/\log_2(r+2)}{\sum_{r=0}^{n-1} 1/\log_2(r+2)}
 
-with :math:`n = \min(|P|, K)` for the standard NDCG (SPEC §4.2) and :math:`n = \min(\mathrm{hits}, K)` for the
-released GRCN code's variant (``ndcg="official"``, SPEC §4.3), under which a single hit at rank 0 scores 1.0
-whatever :math:`|P|` is. Both give 0 when there is no hit.
+with :math:`n = \min(|P|, K)` for the standard NDCG and :math:`n = \min(\mathrm{hits}, K)` for the
+released GRCN code's variant (``ndcg="official"``, docs/protocol.md, "The released code's protocol"), under which a
+single hit at rank 0 scores 1.0 whatever :math:`|P|` is. Both give 0 when there is no hit.
 
 Ties: :func:`top_k` uses :func:`torch.topk`, whose order among equal scores is implementation-defined (on CPU it is
 *not* lowest-id-first). It depends only on the row's own scores, so results do not depend on how users are batched;
@@ -34,7 +34,7 @@ from torch import Tensor
 
 #: Metric families in canonical order.
 METRICS = ("precision", "recall", "ndcg")
-#: NDCG normalisations: "standard" (IDCG over min(|P|, K) positions, SPEC §4.2) or "official" (min(hits, K), §4.3).
+#: NDCG normalisations: "standard" (IDCG over min(|P|, K) positions) or "official" (min(hits, K)).
 NDCG_VARIANTS = ("standard", "official")
 
 
@@ -144,7 +144,7 @@ def rank_metrics(
         hits: ``[B, K_max]`` bool, ``hits[b, r]`` = the item at rank ``r`` of row ``b`` is a positive.
         num_positives: ``[B]`` size of each row's positive set :math:`|P|`.
         ks: the cut-offs; each must be ``<= K_max``.
-        ndcg: ``"standard"`` (SPEC §4.2) or ``"official"`` (the released code's IDCG, §4.3).
+        ndcg: ``"standard"`` or ``"official"`` (the released code's IDCG).
 
     Rows without positives get 0 for every metric (the evaluator skips such users before this point).
     Keys follow :func:`metric_names`.
@@ -172,9 +172,9 @@ def rank_metrics(
     for k in ks:
         hits_k = hit_count[:, k - 1]
         if ndcg == "standard":
-            ideal_positions = num_positives.clamp(max=k)  # Eq. in SPEC §4.2: min(|P|, K)
+            ideal_positions = num_positives.clamp(max=k)  # min(|P|, K)
         else:
-            ideal_positions = hits_k  # SPEC §4.3: min(hits, K); hits <= K already
+            ideal_positions = hits_k  # the released code's: min(hits, K); hits <= K already
         idcg = ideal[ideal_positions.long()]
         out[f"precision@{k}"] = hits_k / k
         out[f"recall@{k}"] = torch.where(num_positives > 0, hits_k / num_positives.clamp(min=1.0), 0.0)

@@ -1,5 +1,5 @@
 """``perf``: how fast each model trains and is evaluated at the paper's scale, measured beside this machine's own
-references (DESIGN.md; issue 8).
+references (docs/performance.md).
 
 For every model × dataset it measures, with the code the grid runs:
 
@@ -63,7 +63,7 @@ class PerfSettings:
         device: ``cpu``, ``cuda``, ``cuda:1``, ...
         batches: timed training batches per cell (the median is reported).
         warmup: untimed batches before them (3: the first batches still grow malloc's heap, :mod:`.memory`).
-        batch_size: triplets per batch (1024, SPEC §3).
+        batch_size: triplets per batch (1024).
         seed: seeds the model, the triplets and the negatives.
         ks: cut-offs of the evaluation.
         eval_memory: the evaluator's memory budget in bytes (the runner's default, 1 GiB).

@@ -1,4 +1,4 @@
-"""Run one cell end to end (DESIGN.md "Data flow of one cell") and store its result.
+"""Run one cell end to end (docs/layout.md, "Data flow of one cell") and store its result.
 
 ``load_dataset`` (cached per process) -> ``get_model(...)`` -> ``trainer.fit`` (validation every epoch) -> best state
 restored -> test evaluated once -> ``store.write``. A cell that raises is stored as ``failed`` with its traceback;
@@ -33,7 +33,7 @@ from .trainer import fit, seed_everything
 
 log = logging.getLogger("grcn_bench.runner")
 
-DEFAULT_EVAL_MEMORY = 1 << 30  # bytes of scores per evaluation batch (SPEC §4.1)
+DEFAULT_EVAL_MEMORY = 1 << 30  # bytes of scores per evaluation batch
 
 
 @functools.lru_cache(maxsize=4)
@@ -102,7 +102,7 @@ def _train_and_test(
     graph = dataset.graph().to(device)
     seed_everything(settings.seed)
     model = get_model(cell.model)(dataset.info(), **cell.options).to(device)
-    # Standard protocol selects on validation (SPEC §4.1); the released code's protocol selects on test (§4.3).
+    # Standard protocol selects on validation; the released code's protocol selects on test.
     selection_split = "val" if settings.protocol == "standard" else "test"
 
     def run_eval(split: str) -> EvalResult:
@@ -151,7 +151,8 @@ def _train_and_test(
 
 
 def edge_weight_auc(graph, edge_weight: torch.Tensor, noise: torch.Tensor) -> dict[str, float] | None:
-    """ROC-AUC of learned edge weights at telling labelled false-positive train pairs from the rest (SPEC §5.6).
+    """ROC-AUC of learned edge weights at telling labelled false-positive train pairs from the rest (docs/protocol.md,
+    "Noise robustness").
 
     A lower weight should mean "more likely noise", so the score of a pair is its negated weight; reported for the
     weight the user puts on the item (``user_side``), the item on the user (``item_side``) and their sum (``mean``).

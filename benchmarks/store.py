@@ -2,7 +2,7 @@
 
 Layout of a results directory::
 
-    <out>/cells/<cell_id>.json    the result (DESIGN.md "Result file"); its presence means the cell is done
+    <out>/cells/<cell_id>.json    the result (docs/layout.md, "Result files"); its presence means the cell is done
     <out>/cells/<cell_id>.npz     per-user test metrics (and embeddings when asked), written before the JSON
     <out>/checkpoints/<cell_id>.pt  best state during training (removed when the cell finishes)
     <out>/logs/<cell_id>.log      one line per epoch

@@ -1,4 +1,4 @@
-"""Training, exactly as SPEC §3 says: the same loop, batches, negatives and early stopping for every model.
+"""Training (docs/protocol.md, "Training"): the same loop, batches, negatives and early stopping for every model.
 
 Per epoch: every training pair once, shuffled, each with one negative drawn uniformly from the items the user has
 not trained on (redrawn every epoch, seeded generator); batches of 1024; every batch runs the model's full-graph
@@ -73,7 +73,7 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch from one seed; return the sampler's own generator (SPEC §3).
+    """Seed Python, NumPy and torch from one seed; return the sampler's own generator.
 
     Also asks torch for deterministic kernels: on CPU the backward of a gather with repeated indices (every model's
     ``emb[users]``) otherwise accumulates in a thread-dependent order, and "same seed, same metrics" would hold only
@@ -105,7 +105,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def save_checkpoint(state: dict[str, Tensor], path: Path) -> None:
-    """Write a state dict atomically (read back with ``torch.load(weights_only=True)``, SPEC §1.4)."""
+    """Write a state dict atomically (read back with ``torch.load(weights_only=True)``)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -128,7 +128,7 @@ def fit(
     description: str = "",
     epoch_log: Callable[[str], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` on ``dataset`` (SPEC §3) and leave it in its best state.
+    """Train ``model`` on ``dataset`` and leave it in its best state.
 
     Args:
         model: a freshly initialised model (seed before building it for reproducibility).

@@ -4,7 +4,8 @@
 optional ``?key=value&...`` overrides (see :mod:`~grcn_bench.datasets.synthetic`), or a directory whose format is
 detected from its files (``train.npy`` / ``user_item_train_dict.npy``: official; a ``*.inter`` file: MMRec),
 optionally followed by ``?inject_noise=<rate>[&noise_seed=<int>][&noise_sampler=popularity|uniform]`` to add
-labelled false-positive training edges (SPEC §1.7) for the noise-robustness experiment.
+labelled false-positive training edges (docs/protocol.md, "Splitting and noise injection") for the noise-robustness
+experiment.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def parse_spec(spec: str) -> DatasetSpec:
     return DatasetSpec("synthetic", preset, options)
 
 
-#: Options a directory spec may carry after ``?``: noise injection (SPEC §1.7) for the robustness experiment.
+#: Options a directory spec may carry after ``?``: noise injection for the robustness experiment.
 PATH_OPTIONS: dict[str, type] = {"inject_noise": float, "noise_seed": int, "noise_sampler": str}
 NOISE_SAMPLERS = ("popularity", "uniform")
 

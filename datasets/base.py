@@ -1,4 +1,4 @@
-"""The dataset object, its card, and the graph view that models consume (SPEC §1.1).
+"""The dataset object, its card, and the graph view that models consume (docs/protocol.md, "Data").
 
 Users and items live in separate 0-based id spaces in :class:`RecDataset`. The graph view
 (:class:`InteractionGraph`) puts users at node ids ``0..U-1`` and items at ``U..U+I-1`` and holds both directions of
@@ -35,7 +35,8 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class WordBags:
-    """Word-id text (SPEC §1.3): item ``item[k]`` contains word ``word[k]``; ``num_words`` is the vocabulary size.
+    """Word-id text (docs/protocol.md, "Word-id text"): item ``item[k]`` contains word ``word[k]``; ``num_words`` is the
+    vocabulary size.
 
     An item's textual feature is the mean of a learned word-embedding table over its words (zero if it has none).
     """
@@ -182,7 +183,7 @@ class InteractionGraph:
 
 @dataclass
 class DatasetCard:
-    """Provenance and shape of a dataset (SPEC §1.1): enough to tell two datasets apart and to cite one."""
+    """Provenance and shape of a dataset: enough to tell two datasets apart and to cite one."""
 
     name: str
     source_format: str

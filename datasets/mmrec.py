@@ -1,8 +1,9 @@
-"""The MMRec format (SPEC §1.2b): ``<name>.inter`` plus ``image_feat.npy`` / ``audio_feat.npy`` / ``text_feat.npy``.
+"""The MMRec format (docs/protocol.md, "Formats"): ``<name>.inter`` plus ``image_feat.npy`` / ``audio_feat.npy`` /
+``text_feat.npy``.
 
 ``<name>.inter`` is tab-separated with a header; the columns ``userID``, ``itemID`` and ``x_label`` are read (0
 train, 1 validation, 2 test) and others are ignored. Ids are 0-based in separate spaces. Without an ``x_label``
-column the interactions are split 8:1:1 per user (SPEC §1.7). ``U = 1 + max userID`` and
+column the interactions are split 8:1:1 per user. ``U = 1 + max userID`` and
 ``I = max(1 + max itemID, feature rows)``; a feature file whose row count is not ``I`` is an error.
 """
 
@@ -76,7 +77,7 @@ def load_mmrec(
         split_seed: seed of the 8:1:1 split when there is no ``x_label`` column.
 
     Raises:
-        DatasetError: any problem of SPEC §1.5, naming the file.
+        DatasetError: any problem of docs/protocol.md, "Validation", naming the file.
     """
     root = Path(path)
     if not root.is_dir():

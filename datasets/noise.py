@@ -1,4 +1,5 @@
-"""False-positive injection for the noise-robustness experiment on any dataset (SPEC §1.7, §5.6)."""
+"""False-positive injection for the noise-robustness experiment on any dataset (docs/protocol.md, "Splitting and noise
+injection")."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def inject_noise(dataset: RecDataset, rate: float, seed: int, sampler: str = "po
 
     Each new pair joins a random user and an item that user has in no split (train, validation or test), and no
     pair is added twice. The user is drawn in proportion to their training degree, so every user's neighbourhood
-    receives about ``rate`` noise, as in the synthetic generator (SPEC §1.6); the item is drawn in proportion to its
+    receives about ``rate`` noise, as in the synthetic generator; the item is drawn in proportion to its
     training popularity (``sampler="popularity"``) or uniformly (``"uniform"``). Pairs are drawn jointly and
     rejected when taken, so the result follows those weights restricted to the free pairs.
 

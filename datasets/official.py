@@ -1,16 +1,16 @@
-"""The GRCN / MMGCN official file format (SPEC §1.2a): what the authors' code reads.
+"""The GRCN / MMGCN official file format (docs/protocol.md, "Formats"): what the authors' code reads.
 
 Layout of a dataset directory:
 
 - ``train.npy``: int ``[E, 2]`` rows ``[user, item]`` with item ids offset by ``U``; or, when absent,
   ``user_item_train_dict.npy``: a pickled ``{user: set(items)}`` (the authors' later repositories);
 - ``val_full.npy``, ``test_full.npy``: object arrays with one row per user, ``[user, item, item, ...]``; rows with
-  no items are skipped. When both are absent the training pairs are split 8:1:1 per user (SPEC §1.7);
+  no items are skipped. When both are absent the training pairs are split 8:1:1 per user;
 - ``user_item_dict.npy`` (optional, redundant): checked against the training pairs, never trusted;
 - features, row ``k`` = item ``k``: ``FeatureVideo_normal.npy`` / ``FeatureAudio_avg_normal.npy`` /
   ``FeatureText_stl_normal.npy`` (Movielens names) or ``feat_v.pt`` / ``feat_a.pt`` / ``feat_t.pt`` (Tiktok, Kwai)
   or ``feat_v.npy`` / ``feat_a.npy`` / ``feat_t.npy`` (CLCRec). An integer ``2 x K`` textual file is word-id text
-  (``(item row, word id)`` pairs, SPEC §1.3).
+  (``(item row, word id)`` pairs; docs/protocol.md, "Word-id text").
 
 ``U`` and ``I`` are not stored (the authors hard-coded them): ``U = 1 + max user id`` over all splits,
 ``I`` = feature rows when there are dense features, else ``1 + max item id`` after removing the offset; both can be
@@ -128,7 +128,7 @@ def load_official(
         offset: force whether item ids are offset by ``U`` (default: detected).
 
     Raises:
-        DatasetError: any problem of SPEC §1.5, naming the file.
+        DatasetError: any problem of docs/protocol.md, "Validation", naming the file.
     """
     root = Path(path)
     if not root.is_dir():

@@ -1,4 +1,4 @@
-"""Reading untrusted dataset files without executing anything they contain (SPEC §1.4).
+"""Reading untrusted dataset files without executing anything they contain (docs/protocol.md, "Untrusted files").
 
 Pickled ``.npy`` object arrays (the authors' ``val_full.npy``, ``user_item_train_dict.npy``) are unpickled with
 :class:`RestrictedUnpickler`, which resolves only the globals those files need: numpy's array reconstruction, dtypes

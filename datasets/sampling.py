@@ -1,4 +1,4 @@
-"""Uniform negative sampling for BPR triplets (SPEC §3, Eq. 12).
+"""Uniform negative sampling for BPR triplets (Eq. 12; docs/protocol.md, "Training").
 
 For each requested user, one item drawn uniformly from the items that are *not* among that user's training items.
 Vectorised rejection sampling with a seeded ``torch.Generator``: draw uniform items for every position, test

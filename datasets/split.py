@@ -1,4 +1,4 @@
-"""Per-user random splitting of unsplit interactions (SPEC §1.7)."""
+"""Per-user random splitting of unsplit interactions (docs/protocol.md, "Splitting and noise injection")."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def split_per_user(
     seed: int,
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
 ) -> Split:
-    """Split ``[n, 2]`` (user, item) pairs 8:1:1 per user at random (SPEC §1.7).
+    """Split ``[n, 2]`` (user, item) pairs 8:1:1 per user at random.
 
     Each user's pairs are shuffled with ``np.random.default_rng(seed)`` and cut by :func:`split_sizes`; the whole
     computation is vectorised (a random key per pair, one sort). The same pairs and seed give the same split.

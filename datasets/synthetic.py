@@ -1,4 +1,5 @@
-r"""Synthetic multimedia interactions with planted preferences and labelled false positives (SPEC §1.6).
+r"""Synthetic multimedia interactions with planted preferences and labelled false positives (docs/protocol.md,
+"Synthetic data").
 
 The generator plants the structure GRCN's argument is about, with ground truth:
 

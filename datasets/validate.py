@@ -1,4 +1,5 @@
-"""The checks every loader ends with (SPEC §1.5), and the assembly of a :class:`RecDataset` and its card.
+"""The checks every loader ends with (docs/protocol.md, "Validation"), and the assembly of a :class:`RecDataset` and its
+card.
 
 Loaders only parse files into plain arrays; :func:`validate` decides whether the result is usable. Each failure is
 one :class:`DatasetError` whose message names the file (``sources[key]``), the problem and what was expected. What
@@ -21,7 +22,7 @@ from .base import MODALITIES, SPLITS, DatasetCard, DatasetError, RecDataset, Wor
 
 __all__ = ["WORD_EMBEDDING_DIM", "canonical_pairs", "validate"]
 
-#: Width of the learned word-embedding table that word-id text is averaged through (SPEC §1.3).
+#: Width of the learned word-embedding table that word-id text is averaged through (docs/protocol.md, "Word-id text").
 WORD_EMBEDDING_DIM = 64
 
 
@@ -140,7 +141,7 @@ def validate(
     parameters: Mapping[str, object] | None = None,
     pre_dropped_duplicates: Mapping[str, int] | None = None,
 ) -> RecDataset:
-    """Check parsed data against SPEC §1.5 and assemble the dataset and its card.
+    """Check parsed data against docs/protocol.md, "Validation", and assemble the dataset and its card.
 
     Args:
         splits: ``"train"``, ``"val"``, ``"test"`` -> integer ``[n, 2]`` (user, item) pairs, 0-based ids.

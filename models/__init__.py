@@ -1,8 +1,9 @@
 """Model registry: ``@register_model(name)``, ``get_model(name)``, ``available_models()``.
 
 Adding a model is one file in this folder with a :class:`~grcn_bench.models.base.Recommender` subclass decorated
-with ``@register_model("name")`` (SPEC §2.4): every module of this package is imported when the package is, so
-nothing else changes. The runner, the grid, the reports and the conformance tests pick it up from the registry.
+with ``@register_model("name")`` (docs/extending.md, "A model"): every module of this package is imported when the
+package is, so nothing else changes. The runner, the grid, the reports and the conformance tests pick it up from the
+registry.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shared model interface (DESIGN.md): graph in, embeddings out, no hidden state.
+"""The shared model interface (docs/extending.md, "A model"): graph in, embeddings out, no hidden state.
 
 Every model in the suite derives from :class:`Recommender`. The trainer owns the loop, the optimiser, early stopping
 and checkpoints; the evaluator owns masking and ranking. A model only maps an :class:`InteractionGraph` to user and
@@ -37,11 +37,12 @@ class Recommender(torch.nn.Module, abc.ABC):
     Subclasses take the dataset's :class:`DatasetInfo` and typed keyword options, build their parameters, and
     implement :meth:`forward` (and :meth:`ego_parameters` when their layer-0 parameters are not ``self.user_embedding``
     and ``self.item_embedding``; optionally :meth:`batch_forward`, a training batch's part of the forward). Scoring
-    is a dot product and the loss is BPR plus the shared ego-L2 term (SPEC §2.1) unless a model says otherwise.
+    is a dot product and the loss is BPR plus the shared ego-L2 term (docs/protocol.md, "Shared settings") unless a
+    model says otherwise.
 
     Args:
         data: sizes and modality shapes of the dataset.
-        embedding_dim: width of the ID embeddings (64 in every experiment, SPEC §2.1).
+        embedding_dim: width of the ID embeddings (64 in every experiment).
         num_layers: number of graph layers (2 in every experiment).
     """
 
@@ -60,7 +61,7 @@ class Recommender(torch.nn.Module, abc.ABC):
 
     def reset_parameters(self) -> None:
         """Re-initialise every submodule by its own ``reset_parameters``: the outermost one that has it, so a layer's
-        chosen initialisation (Xavier, SPEC §2.1) is not overwritten by torch's defaults of the layers inside it.
+        chosen initialisation (Xavier) is not overwritten by torch's defaults of the layers inside it.
         Models with parameters of their own (ID embeddings) override this and reset those too."""
 
         def reset_below(module: torch.nn.Module) -> None:
@@ -119,7 +120,7 @@ class Recommender(torch.nn.Module, abc.ABC):
 
 
 def xavier_embedding(num: int, dim: int) -> torch.nn.Parameter:
-    """A ``[num, dim]`` parameter with Xavier-uniform initialisation (SPEC §2.1)."""
+    """A ``[num, dim]`` parameter with Xavier-uniform initialisation."""
     weight = torch.empty(num, dim)
     torch.nn.init.xavier_uniform_(weight)
     return torch.nn.Parameter(weight)

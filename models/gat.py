@@ -1,4 +1,4 @@
-r"""GAT on the user-item graph, a baseline of Table 2 (SPEC §2.3).
+r"""GAT on the user-item graph, a baseline of Table 2 (docs/protocol.md, "Baselines").
 
 Veličković, Cucurull, Casanova, Romero, Liò and Bengio, "Graph Attention Networks", ICLR 2018
 (https://arxiv.org/abs/1710.10903).
@@ -26,11 +26,12 @@ def with_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 @register_model("gat")
 class GAT(Recommender):
-    r"""GAT with item content as input; its attention coefficients are its learned edge weights (SPEC §2.3, §5.6).
+    r"""GAT with item content as input; its attention coefficients are its learned edge weights (docs/protocol.md,
+    "Noise robustness").
 
     Layer 0 is :math:`\mathbf{h}^{(0)}_u = \mathbf{E}_u` for users and :math:`\mathbf{h}^{(0)}_i = \mathbf{E}_i +
-    \mathbf{W}_c \mathbf{x}_i` for items (SPEC §2.1). Each layer is PyG's :class:`~torch_geometric.nn.GATConv`
-    (the paper's Eqs. 1-5):
+    \mathbf{W}_c \mathbf{x}_i` for items (docs/protocol.md, "Shared settings"). Each layer is PyG's
+    :class:`~torch_geometric.nn.GATConv` (the paper's Eqs. 1-5):
 
     .. math::
         \alpha^{k}_{vj} = \operatorname{softmax}_{j \in \mathcal{N}(v) \cup \{v\}}\Big(\operatorname{LeakyReLU}_{0.2}
@@ -60,7 +61,7 @@ class GAT(Recommender):
         data: dataset sizes and modality shapes.
         embedding_dim: ID-embedding and layer width (64).
         num_layers: attention layers (2).
-        use_features: add the projected item content to the items' layer-0 vectors (SPEC §2.1); a dataset without
+        use_features: add the projected item content to the items' layer-0 vectors; a dataset without
             modalities gives the ID-only model either way.
         heads: attention heads of the hidden layers (8); ``embedding_dim`` must be a multiple of it.
         attention_dropout: dropout on the attention coefficients during training (0).

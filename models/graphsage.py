@@ -1,4 +1,4 @@
-r"""GraphSAGE on the user-item graph, a baseline of Table 2 (SPEC §2.3).
+r"""GraphSAGE on the user-item graph, a baseline of Table 2 (docs/protocol.md, "Baselines").
 
 Hamilton, Ying and Leskovec, "Inductive Representation Learning on Large Graphs", NeurIPS 2017
 (https://arxiv.org/abs/1706.02216).
@@ -19,12 +19,12 @@ from .layers.edge_ops import CSRSAGEConv
 
 @register_model("graphsage")
 class GraphSAGE(Recommender):
-    r"""GraphSAGE with the mean aggregator (SPEC §2.1, §2.3), full neighbourhoods (no sampling).
+    r"""GraphSAGE with the mean aggregator, full neighbourhoods (no sampling).
 
     Layer 0 is :math:`\mathbf{h}^{(0)}_u = \mathbf{E}_u` for users and :math:`\mathbf{h}^{(0)}_i = \mathbf{E}_i +
-    \mathbf{W}_c \mathbf{x}_i` for items (SPEC §2.1). Each layer is PyG's :class:`~torch_geometric.nn.SAGEConv` with
-    the mean aggregator and a root weight, i.e. the paper's Algorithm 1 (line 5, "concat" of self and neighbourhood,
-    then one linear map) with the mean aggregator:
+    \mathbf{W}_c \mathbf{x}_i` for items (docs/protocol.md, "Shared settings"). Each layer is PyG's
+    :class:`~torch_geometric.nn.SAGEConv` with the mean aggregator and a root weight, i.e. the paper's Algorithm 1 (line
+    5, "concat" of self and neighbourhood, then one linear map) with the mean aggregator:
 
     .. math::
         \mathbf{h}^{(l)}_v = \mathbf{W}^{(l)}_{1} \frac{1}{|\mathcal{N}(v)|} \sum_{j \in \mathcal{N}(v)}
@@ -35,7 +35,7 @@ class GraphSAGE(Recommender):
 
     Choices, documented: the paper L2-normalises every layer's output (Algorithm 1, line 7); that is the option
     ``normalize=True``, off by default because unit-norm outputs bound the dot-product scores to [-1, 1], which
-    slows BPR training. Weights are re-initialised Xavier-uniform (SPEC §2.1) rather than PyG's default.
+    slows BPR training. Weights are re-initialised Xavier-uniform, as in every model, rather than PyG's default.
 
     Speed, documented: the layers are :class:`~.layers.edge_ops.CSRSAGEConv`, PyG's ``SAGEConv`` (same
     parameters and state dict) called with the graph: the neighbour mean is a CSR product whose backward reuses the
@@ -46,7 +46,7 @@ class GraphSAGE(Recommender):
         data: dataset sizes and modality shapes.
         embedding_dim: ID-embedding and layer width (64).
         num_layers: SAGE layers (2).
-        use_features: add the projected item content to the items' layer-0 vectors (SPEC §2.1); a dataset without
+        use_features: add the projected item content to the items' layer-0 vectors; a dataset without
             modalities gives the ID-only model either way.
         normalize: L2-normalise each layer's output (the paper's Algorithm 1, line 7).
         negative_slope: slope of the leaky ReLU between layers (0.01).

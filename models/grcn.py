@@ -1,9 +1,10 @@
-"""GRCN: the graph-refined convolutional network, the subject of the suite (SPEC §2.2).
+"""GRCN: the graph-refined convolutional network, the subject of the suite (docs/protocol.md, "GRCN").
 
 Wei, Wang, Nie, He and Chua, "Graph-Refined Convolutional Network for Multimedia Recommendation with Implicit
 Feedback", ACM MM 2020 (https://doi.org/10.1145/3394171.3413556; arXiv https://arxiv.org/abs/2111.02036).
 Released code: https://github.com/weiyinwei/GRCN (PyTorch 1.4 / PyG 1.2); its differences from the paper are options
-here (SPEC §2.2), the paper's behaviour is the default. Nothing is copied from the release.
+here (docs/protocol.md, "The released code's variant"), the paper's behaviour is the default. Nothing is copied from the
+release.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class GRCN(Recommender):
     A graph refining layer scores every training edge by how well the item's content matches the user's content
     prototype and uses the score as the edge's weight, so that false-positive interactions pass weakened (or
     inverted) messages; ID embeddings are then propagated on the refined graph. For each modality :math:`m`
-    (SPEC §2.2):
+    (docs/protocol.md, "GRCN"):
 
     .. math::
         \bar{\mathbf{i}}_m = \operatorname{normalize}\big(\mathrm{leaky\_relu}(\mathbf{W}_m \mathbf{i}_m
@@ -102,8 +103,8 @@ class GRCN(Recommender):
     trained with BPR plus :math:`\lambda` times the mean square of the batch's rows of :math:`\mathbf{E}` and of
     the batch users' :math:`\mathbf{u}^m_{(0)}` (Eq. 13); the projections and base vectors are not regularised.
     :math:`\mathbf{E}`, :math:`\mathbf{u}^m_{(0)}` and :math:`\boldsymbol{\rho}` (unconstrained reals) are
-    Xavier-initialised. Word-id text (SPEC §1.3): the item's text input :math:`\mathbf{i}_t` is the mean of a learned
-    word-embedding table over its words.
+    Xavier-initialised. Word-id text (docs/protocol.md, "Word-id text"): the item's text input :math:`\mathbf{i}_t` is
+    the mean of a learned word-embedding table over its words.
 
     **Differences from the released code** (each an option here; ``variant="official"`` sets (a)-(d) and (f)):
     (a) its routing loop aggregates at items, so user prototypes never move: :math:`\bar{\mathbf{u}}_m =
@@ -256,7 +257,7 @@ class GRCN(Recommender):
         return tuple(m for m in MODALITIES if m in requested)
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform initialisation of every weight and embedding, zero biases (SPEC §2.1-2.2)."""
+        """Xavier-uniform initialisation of every weight and embedding, zero biases."""
         torch.nn.init.xavier_uniform_(self.id_embedding)
         for m in range(len(self.modalities)):
             # One [U, d] matrix per modality, initialised as one (Xavier's fans are those of a 2-d matrix).

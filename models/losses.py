@@ -1,4 +1,4 @@
-"""The loss pieces every model shares (SPEC §2.1, Eq. 12-13 of the paper)."""
+"""The loss pieces every model shares (Eqs. 12-13 of the paper; docs/protocol.md, "Shared settings")."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
 
 
 def ego_l2(parameters: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
-    """The shared regulariser: the sum over the given tensors of the mean of their squares (Eq. 13, SPEC §2.2.7).
+    """The shared regulariser: the sum over the given tensors of the mean of their squares (Eq. 13).
 
     Each tensor holds the batch's rows of one layer-0 parameter (users', positives' and negatives' ID embeddings,
     GRCN's user prototypes), so the penalty does not grow with the graph and is the same for every model.

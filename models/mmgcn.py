@@ -1,4 +1,4 @@
-r"""MMGCN: one graph convolution network per modality, a baseline of Table 2 (SPEC §2.3).
+r"""MMGCN: one graph convolution network per modality, a baseline of Table 2 (docs/protocol.md, "Baselines").
 
 Wei, Wang, Nie, He, Hong and Chua, "MMGCN: Multi-modal Graph Convolution Network for Personalized Recommendation of
 Micro-video", ACM MM 2019 (https://doi.org/10.1145/3343031.3351034).
@@ -39,11 +39,11 @@ def modality_mean(per_modality: list[Tensor]) -> Tensor:
 
 @register_model("mmgcn")
 class MMGCN(Recommender):
-    r"""MMGCN over the user-item graph, one GCN per modality :math:`m` of the dataset (SPEC §2.3).
+    r"""MMGCN over the user-item graph, one GCN per modality :math:`m` of the dataset.
 
     Layer-0 node vectors in modality :math:`m`: a trainable user preference :math:`\mathbf{P}_{m,u}` and the
     projected item features :math:`\operatorname{LeakyReLU}(\mathbf{W}_m \mathbf{x}^m_i + \mathbf{b}_m)` (word-id
-    text: :math:`\mathbf{x}^t_i` is the mean of a learned 64-d word-embedding table, SPEC §1.3). Each of the
+    text: :math:`\mathbf{x}^t_i` is the mean of a learned 64-d word-embedding table). Each of the
     ``num_layers`` layers (:class:`~.layers.mmgcn.AggregateCombineConv`, own weights per modality and layer) is the
     paper's mean aggregation followed by its concatenation combination with the node's ID embedding
     :math:`\mathbf{e}_v` (shared by all modalities):
@@ -63,11 +63,11 @@ class MMGCN(Recommender):
     - Content is inherent to MMGCN (its graphs are built on the modalities), so there is no ``use_features``
       option, and a dataset without modalities is refused with a ``ValueError``.
     - The L2 term covers the batch rows of the ID embeddings and of every modality's user preferences (the
-      user-side layer-0 parameters, as for GRCN's prototypes, SPEC §2.2.7).
+      user-side layer-0 parameters, as for GRCN's prototypes, GRCN's Eq. 13).
     - ``frozen_id=True`` reproduces the release, where ID embeddings and user preferences are plain tensors that
       are never trained (``requires_grad`` off; listed in the instance's ``frozen_parameters``).
     - ``normalize_inputs=True`` reproduces the release's L2 normalisation of each node's layer-0 vector; the paper
-      and SPEC state none, so it is off by default.
+      states none, so it is off by default.
 
     Args:
         data: dataset sizes and modality shapes; at least one modality.

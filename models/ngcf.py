@@ -1,4 +1,4 @@
-r"""NGCF: neural graph collaborative filtering, a baseline of Table 2 (SPEC §2.3).
+r"""NGCF: neural graph collaborative filtering, a baseline of Table 2 (docs/protocol.md, "Baselines").
 
 Wang, He, Wang, Feng and Chua, "Neural Graph Collaborative Filtering", SIGIR 2019
 (https://arxiv.org/abs/1905.08108, https://doi.org/10.1145/3331184.3331267).
@@ -20,11 +20,12 @@ from .layers.sparse import graph_pattern
 
 @register_model("ngcf")
 class NGCF(Recommender):
-    r"""NGCF with item content as input (SPEC §2.1, §2.3).
+    r"""NGCF with item content as input.
 
     Layer 0 is :math:`\mathbf{e}^{(0)}_u = \mathbf{E}_u` for users and
-    :math:`\mathbf{e}^{(0)}_i = \mathbf{E}_i + \mathbf{W}_c \mathbf{x}_i` for items (the shared content input, SPEC
-    §2.1). Each layer is NGCF's bi-interaction propagation (Eqs. 3-4, :class:`~.layers.ngcf.BiInteractionConv`):
+    :math:`\mathbf{e}^{(0)}_i = \mathbf{E}_i + \mathbf{W}_c \mathbf{x}_i` for items (the shared content input,
+    docs/protocol.md, "Shared settings"). Each layer is NGCF's bi-interaction propagation (Eqs. 3-4,
+    :class:`~.layers.ngcf.BiInteractionConv`):
 
     .. math::
         \mathbf{e}^{(l)}_u = \operatorname{LeakyReLU}\Big(\mathbf{W}^{(l)}_1 \mathbf{e}^{(l-1)}_u
@@ -46,7 +47,7 @@ class NGCF(Recommender):
         data: dataset sizes and modality shapes.
         embedding_dim: ID-embedding and layer width (64).
         num_layers: propagation layers (2).
-        use_features: add the projected item content to the items' layer-0 vectors (SPEC §2.1); a dataset without
+        use_features: add the projected item content to the items' layer-0 vectors; a dataset without
             modalities gives the ID-only model either way.
         message_dropout: dropout probability on each layer's output during training (0.1).
         normalize_layers: L2-normalise each layer's output in the readout (the release's behaviour; default off).

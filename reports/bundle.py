@@ -1,5 +1,6 @@
-"""The report bundle (SPEC §5.8): ``write_report(results_dir)`` writes ``report.md`` and ``report.html`` at the root
-of a results directory and every table (Markdown, LaTeX, CSV) and figure (PNG, PDF) under ``<dir>/report/``.
+"""The report bundle (docs/protocol.md, "The report"): ``write_report(results_dir)`` writes ``report.md`` and
+``report.html`` at the root of a results directory and every table (Markdown, LaTeX, CSV) and figure (PNG, PDF) under
+``<dir>/report/``.
 
 The report opens with Table 2, Table 3, Figure 3, Figure 4, the noise-robustness curves and the protocol audit (in
 that order; each only when its group has results), then the training curves, the selected hyper-parameters, the

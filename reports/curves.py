@@ -1,4 +1,4 @@
-"""Figure 3 (SPEC §5.3: metrics versus routing iterations T) and training curves (§5.5: validation Recall@10 per
+"""Figure 3 (metrics versus routing iterations T) and training curves (validation Recall@10 per
 epoch), from selections (:mod:`grcn_bench.reports.selection`)."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def routing_figure(selections: Sequence[Any], *, metrics: Sequence[str] = FIG3_M
 
 
 def training_curves_figure(selections: Sequence[Any], *, metric: str = "recall@10") -> Figure:
-    """Validation ``metric`` per epoch (SPEC §5.5), one panel per dataset, one colour per row label.
+    """Validation ``metric`` per epoch, one panel per dataset, one colour per row label.
 
     Every seed of the selected point is drawn (the first solid and labelled, the others lighter); a dot marks each
     seed's best epoch (the restored state). Only standard-protocol selections are meaningful here: their history

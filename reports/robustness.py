@@ -1,5 +1,5 @@
-"""Noise robustness (SPEC §5.6, beyond the paper): test metrics versus the false-positive rate, and how well learned
-edge weights tell false-positive train edges from the rest (ROC-AUC, measured by the runner).
+"""Noise robustness (beyond the paper; docs/protocol.md, "Noise robustness"): test metrics versus the false-positive
+rate, and how well learned edge weights tell false-positive train edges from the rest (ROC-AUC, measured by the runner).
 
 The noise rate is a dataset parameter: a synthetic preset's ``noise`` (recorded in the card's parameters), or a
 ``noise=<rate>`` override in the dataset spec. Cells that differ only in the rate form one panel ("base" dataset).

@@ -1,4 +1,5 @@
-"""Read a results directory and select hyper-parameters (SPEC §4.4): what every table and figure starts from.
+"""Read a results directory and select hyper-parameters (docs/protocol.md, "Hyper-parameter selection"): what every
+table and figure starts from.
 
 A results directory holds ``experiment.json`` (every requested cell with its label and group, duplicates across
 groups included) and one stored result per cell (``benchmarks/store.py``). :func:`load_results` joins the two **by
@@ -8,7 +9,7 @@ when ``experiment.json`` exists. Without it, the results' own cell dicts are use
 Selection, per configuration (label, model, options, dataset and every training setting except lr, λ and seed):
 
 - the score of a grid point (lr, λ) is the mean over its seeds of Recall@10 on the **validation** split; under the
-  released code's protocol (``official-grcn``, SPEC §4.3, audit only) it is test Recall@10, because that is what the
+  released code's protocol (``official-grcn``, audit only) it is test Recall@10, because that is what the
   released code selects on;
 - points are ranked first by how many of their seeds produced a usable result (a point where a seed failed is not
   compared on a smaller sample), then by score; ties keep the first point in grid order;
@@ -242,7 +243,7 @@ class Selection:
         return self.options.get(name, default)
 
     def edge_auc(self, side: str = "mean") -> tuple[float, float] | None:
-        """Mean and sample std over seeds of the edge-weight ROC-AUC (SPEC §5.6), if the runs measured it."""
+        """Mean and sample std over seeds of the edge-weight ROC-AUC, if the runs measured it."""
         values = [run.result["edge_weight_auc"][side] for run in self.runs
                   if (run.result.get("edge_weight_auc") or {}).get(side) is not None]
         if not values:
@@ -294,7 +295,7 @@ class FixedRow:
 
 
 def _selection_split(protocol: str) -> str:
-    # The released code picks its epoch and its hyper-parameters on test (SPEC §4.3): reproduced for the audit only.
+    # The released code picks its epoch and its hyper-parameters on test: reproduced for the audit only.
     return "val" if protocol == "standard" else "test"
 
 

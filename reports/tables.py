@@ -1,4 +1,4 @@
-"""Tables 2 and 3 (SPEC §5.1, §5.2), the protocol audit (§5.7) and the selection summary, in Markdown, HTML,
+"""Tables 2 and 3, the protocol audit and the selection summary, in Markdown, HTML,
 LaTeX and CSV.
 
 A :class:`Table` holds structured cells (:class:`Num`: a value, its std over seeds, bold, significance star) so that
@@ -37,7 +37,7 @@ TABLE2_ORDER = ("GraphSAGE", "MMGCN", "NGCF", "DisenGCN", "GAT", "GRCN")
 TABLE3_ORDER = ("Visual", "Acoustic", "Textual", "GRCN_max", "GRCN_mean", "GRCN_hard", "GRCN")
 PROPOSED = "GRCN"
 REFERENCE_LABELS = ("Popularity",)
-#: (users, items) of the paper's datasets in the official format (SPEC §1.2a) -> the paper's name.
+#: (users, items) of the paper's datasets in the official format -> the paper's name.
 PAPER_DATASETS = {(55_485, 5_986): "Movielens", (36_656, 76_085): "Tiktok", (7_010, 86_483): "Kwai"}
 DASH = "–"
 BOLD_DIGITS = 4  # the printed precision of metric values
@@ -601,7 +601,7 @@ def audit_table(rows: Sequence[AuditRow], *, metrics: Sequence[str] = TABLE_METR
             cells += [Num(row.standard.test_mean(metric)), Num(row.official.test_mean(metric)),
                       DASH if ratio is None else f"×{ratio:.2f}"]
         out.append((f"{row.title}: {row.label}", cells))
-    notes = ["official-grcn: the released code's protocol (SPEC §4.3): epoch and hyper-parameters selected on "
+    notes = ["official-grcn: the released code's protocol: epoch and hyper-parameters selected on "
              "test, training items scored 1e-5 instead of masked, validation items not masked, IDCG over "
              "min(hits, K). ratio = official / standard: the inflation of the published protocol. The quirks are "
              "measured together (one protocol setting), not one by one."]

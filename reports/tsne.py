@@ -1,5 +1,6 @@
-"""Figure 4 (SPEC §5.4): t-SNE of learned ID embeddings of GAT and GRCN for a few randomly chosen users (stars) and
-their training items (circles), an edge from each user to each of their items, one colour per user, side by side.
+"""Figure 4 (docs/protocol.md, "Figure 4"): t-SNE of learned ID embeddings of GAT and GRCN for a few randomly chosen
+users (stars) and their training items (circles), an edge from each user to each of their items, one colour per user,
+side by side.
 
 "Learned ID embeddings": the final representations the runner stores for fig4 cells. For GAT that is the whole
 vector (its output layer). For GRCN the first ``embedding_dim`` (64) columns are the graph part :math:`\\mathbf{e}_u`

@@ -1,4 +1,5 @@
-"""Layer tests of the five baselines (SPEC §2.3) against dense reference computations written out in the tests.
+"""Layer tests of the five baselines (docs/protocol.md, "Baselines") against dense reference computations written out in
+the tests.
 
 Every reference here is computed from the training pairs directly (a dense adjacency and plain loops), never from
 the graph's index structures, so an error in edge order, normalisation or aggregation shows up as a mismatch.
@@ -39,7 +40,7 @@ from grcn_bench.models.ngcf import NGCF
 U, I = 4, 5
 # User 3 has no training item and item 4 no user: isolated nodes must be handled too.
 PAIRS = [(0, 0), (0, 1), (0, 3), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3)]
-# Item k contains the words listed; item 2 has none (zero text vector, SPEC §1.3).
+# Item k contains the words listed; item 2 has none (zero text vector).
 WORDS = {0: [0, 1], 1: [2], 3: [1, 1, 3], 4: [0]}
 NUM_WORDS = 4
 
@@ -468,7 +469,7 @@ def test_graphsage_is_mean_aggregation_with_root_weight(data):
         if layer == 0:
             x = F.leaky_relu(x, 0.01)
     torch.testing.assert_close(torch.cat([emb.user, emb.item]), x, atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.convs[0].lin_l.bias, torch.zeros(64))  # Xavier weights, zero bias (SPEC §2.1)
+    assert torch.equal(model.convs[0].lin_l.bias, torch.zeros(64))  # Xavier weights, zero bias
     unit = GraphSAGE(info, normalize=True).eval()(graph)
     torch.testing.assert_close(unit.user.norm(dim=-1), torch.ones(U))
 

@@ -1,4 +1,4 @@
-"""The contract every registered model keeps (DESIGN.md "The shared model interface", SPEC §2.4).
+"""The contract every registered model keeps (docs/extending.md, "A model").
 
 Parametrised over :func:`available_models`, so a model added to the registry is checked without editing this file;
 ``test_a_newly_registered_model_is_checked_by_the_same_helpers`` shows that with a throwaway model, and the
@@ -35,7 +35,7 @@ def tiny() -> RecDataset:
 
 @pytest.fixture(scope="module")
 def tiny_words() -> RecDataset:
-    """The same preset with word-id text (SPEC §1.3), which models read through a learned word table."""
+    """The same preset with word-id text, which models read through a learned word table."""
     dataset = load_dataset("synthetic:tiny?text=words")
     assert dataset.word_bags is not None
     return dataset

@@ -1,4 +1,4 @@
-"""The MMRec layout (SPEC §1.2b): the real Tiktok subset, round trips, and unsplit tables."""
+"""The MMRec layout (docs/protocol.md, "Formats"): the real Tiktok subset, round trips, and unsplit tables."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The official GRCN / MMGCN format (SPEC §1.2a): the authors' real files, and write/read round trips."""
+"""The official GRCN / MMGCN format (docs/protocol.md, "Formats"): the authors' real files, and write/read round
+trips."""
 
 from __future__ import annotations
 

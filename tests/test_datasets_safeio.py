@@ -1,4 +1,5 @@
-"""Untrusted files (SPEC §1.4): the restricted unpickler reads what the authors' files need and nothing else."""
+"""Untrusted files (docs/protocol.md, "Untrusted files"): the restricted unpickler reads what the authors' files need
+and nothing else."""
 
 from __future__ import annotations
 

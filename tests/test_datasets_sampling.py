@@ -1,4 +1,5 @@
-"""Uniform negative sampling (SPEC §3): never a training positive, uniform over the rest, reproducible."""
+"""Uniform negative sampling (docs/protocol.md, "Training"): never a training positive, uniform over the rest,
+reproducible."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-user splitting and false-positive injection (SPEC §1.7)."""
+"""Per-user splitting and false-positive injection (docs/protocol.md, "Splitting and noise injection")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The synthetic generator (SPEC §1.6): determinism, planted structure, noise labels, presets, specs."""
+"""The synthetic generator (docs/protocol.md, "Synthetic data"): determinism, planted structure, noise labels, presets,
+specs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The bad-input matrix of SPEC §1.5: one clear DatasetError per case, naming the file and the problem."""
+"""The bad-input matrix of docs/protocol.md, "Validation": one clear DatasetError per case, naming the file and the
+problem."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The edge-weight ROC-AUC of the robustness experiment (SPEC §5.6), on a graph whose AUCs are counted by hand."""
+"""The edge-weight ROC-AUC of the robustness experiment (docs/protocol.md, "Noise robustness"), on a graph whose AUCs
+are counted by hand."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (SPEC §4.1) and the released code's protocol (§4.3).
+"""Full-ranking evaluation (docs/protocol.md, "Evaluation") and the released code's protocol.
 
 Datasets are built by hand from ``RecDataset``; models are MF (in float64, so that scores are far from ties) or a
 test-local model whose scores are a fixed table. Reference values come from a plain per-user loop over a dense

@@ -1,4 +1,4 @@
-"""GRCN (SPEC §2.2) against independent dense computations of the paper's equations on hand-sized graphs.
+"""GRCN against independent dense computations of the paper's equations on hand-sized graphs.
 
 Every expected value is computed here with plain loops or dense matrices over a dense adjacency, from the model's
 parameters and inputs, never by calling the functions under test.

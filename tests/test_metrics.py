@@ -1,9 +1,9 @@
-"""Precision / Recall / NDCG @K per user (SPEC §4.2) and the released code's NDCG (§4.3).
+"""Precision / Recall / NDCG @K per user (docs/protocol.md, "Metrics") and the released code's NDCG.
 
 Hand-computed cases write the arithmetic out; a randomised comparison checks the vectorised code against
 ``torch_geometric.metrics.LinkPred*``. PyG's (unweighted) NDCG uses ``IDCG = sum_{r < min(|P|, K)} 1/log2(r+2)``,
-the same as SPEC §4.2, and averages over rows with at least one label, as the evaluator does by skipping users
-without held-out positives. PyG computes in float32, hence the tolerance of that comparison.
+the same as docs/protocol.md, "Metrics", and averages over rows with at least one label, as the evaluator does by
+skipping users without held-out positives. PyG computes in float32, hence the tolerance of that comparison.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The trainer (SPEC §3): early stopping, best-state restore, test once, divergence, determinism."""
+"""The trainer (docs/protocol.md, "Training"): early stopping, best-state restore, test once, divergence,
+determinism."""
 
 from __future__ import annotations
 

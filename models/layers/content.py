@@ -1,9 +1,9 @@
-"""Building blocks that the baselines share: the content-feature input (SPEC §2.1), Xavier-initialised linear
-layers, and the sparse ``adj_t`` input of PyG layers.
+"""Building blocks that the baselines share: the content-feature input (docs/protocol.md, "Shared settings"),
+Xavier-initialised linear layers, and the sparse ``adj_t`` input of PyG layers.
 
 The baselines use item content the way the authors' own earlier baselines did: an item's input vector is its ID
 embedding plus a learned projection of the concatenation of its modality features. Dense modalities come from
-``graph.features[m]``; word-id text (SPEC §1.3) is the mean of a learned word-embedding table over the item's words
+``graph.features[m]``; word-id text is the mean of a learned word-embedding table over the item's words
 (zero for items without words). Users have ID embeddings only.
 """
 
@@ -21,7 +21,7 @@ from .dense import linear
 
 
 def xavier_linear(in_features: int, out_features: int, *, bias: bool = True) -> torch.nn.Linear:
-    """A ``Linear`` layer initialised the suite's way (Xavier-uniform weight, zero bias; SPEC §2.1)."""
+    """A ``Linear`` layer initialised the suite's way (Xavier-uniform weight, zero bias)."""
     layer = torch.nn.Linear(in_features, out_features, bias=bias)
     reset_xavier(layer)
     return layer
@@ -57,7 +57,7 @@ def modality_features(graph: InteractionGraph, modality: str, word_embedding: Te
 
 
 class ItemContentInput(torch.nn.Module):
-    r"""Learned projection of an item's concatenated modality features (SPEC §2.1).
+    r"""Learned projection of an item's concatenated modality features (docs/protocol.md, "Shared settings").
 
     .. math::
         \mathbf{c}_i = \mathbf{W} \left[\bar{\mathbf{x}}_i^{v} \,\|\, \bar{\mathbf{x}}_i^{a} \,\|\,
@@ -66,11 +66,11 @@ class ItemContentInput(torch.nn.Module):
 
     over the dataset's modalities in canonical order (v, a, t). For word-id text,
     :math:`\mathbf{x}_i^{t} = \frac{1}{|W_i|}\sum_{w \in W_i} \mathbf{T}_w` with a learned table :math:`\mathbf{T}`
-    (zero when the item has no words, SPEC §1.3). A baseline's item input is then :math:`\mathbf{e}_i + \mathbf{c}_i`.
+    (zero when the item has no words). A baseline's item input is then :math:`\mathbf{e}_i + \mathbf{c}_i`.
 
     Each modality's vector is L2-normalised before the concatenation (``normalize=True``, the default), so that
     no modality dominates by the scale of its extractor and the projected content starts near the scale of the
-    ID embeddings, whatever the dataset's feature scale; GRCN normalises its content too (SPEC §2.2.1). On
+    ID embeddings, whatever the dataset's feature scale; GRCN normalises its content too (Eq. 1). On
     ``synthetic:tiktok`` (raw features of norm 9-13) this lifted the test Recall@10 of NGCF, GraphSAGE and GAT
     from 0.03-0.08 to 0.08-0.10 at lr 0.01 (initial BPR losses of 4 fell to 0.4-0.5). Items without any feature
     (no words) keep a zero vector.
@@ -78,7 +78,7 @@ class ItemContentInput(torch.nn.Module):
     Args:
         info: the dataset's sizes and modality shapes; it must have at least one modality.
         dim: output width (the ID-embedding width).
-        word_dim: width of the word-embedding table for word-id text (64, SPEC §1.3).
+        word_dim: width of the word-embedding table for word-id text (64).
         normalize: L2-normalise each modality's vector before the concatenation (default on).
 
     Shapes:
@@ -151,7 +151,7 @@ def node_inputs(
     user_embedding: Tensor, item_embedding: Tensor, content: ItemContentInput | None, graph: InteractionGraph
 ) -> Tensor:
     """``[U + I, d]`` layer-0 node vectors in graph order: users' ID embeddings, then items' ID embeddings plus their
-    projected content when ``content`` is given (SPEC §2.1; ``None`` gives the ID-only variant)."""
+    projected content when ``content`` is given (``None`` gives the ID-only variant)."""
     items = item_embedding if content is None else item_embedding + content(graph)
     return torch.cat([user_embedding, items], dim=0)
 

@@ -226,8 +226,7 @@ static void *segment_max_range(void *arg) { return segment_range(arg, 1); }
 
 /* Run kernel(job) on `threads` threads of the OpenMP runtime that torch's own operators use (the library is linked
  * with -fopenmp and loaded after torch, so the dynamic loader binds it to torch's libgomp): its worker threads keep
- * spinning for a while after each torch operator, and threads of our own would compete with them for the cores
- * (measured: a product run right after a torch operator took 1.4-1.6x as long on separate threads). */
+ * spinning for a while after each torch operator, and threads of our own would compete with them for the cores. */
 static void run_threads(void *(*kernel)(void *), void *job, int threads) {
   if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
@@ -317,7 +316,7 @@ void grcn_bench_spmm_pushed_f32(const int32_t *rowptr, const int32_t *col, const
  *   grad_b[c] = sum over the column's k of g_k a[r_k]    (pushed, as above)
  * An entry's rows of b and of grad_b are fetched together, and a[r] is read once for the row. The same sums as the
  * product and the pushed transposed product that it replaces. (The product's backward, a sampled product and a pushed
- * one, measured slower walked together than apart: 42 against 36 ms over DisenGCN's layer-1 field.) */
+ * one, is slower walked together than apart, so it is not done this way.) */
 static void sampled_backward_channel(const push_job *job, int64_t m) {
   const int64_t width = job->width, vectors = width / 8, nnz = job->nnz;
   const float *grad = job->values + m * nnz, *a = job->x + m * job->rows * width;

@@ -1,4 +1,4 @@
-r"""MMGCN's per-modality graph-convolution layer: aggregation, then combination (SPEC §2.3).
+r"""MMGCN's per-modality graph-convolution layer: aggregation, then combination (docs/protocol.md, "Baselines").
 
 Wei, Wang, Nie, He, Hong and Chua, "MMGCN: Multi-modal Graph Convolution Network for Personalized Recommendation of
 Micro-video", ACM MM 2019 (https://doi.org/10.1145/3343031.3351034), Section 3 (aggregation and combination layers).

@@ -37,7 +37,7 @@ independent order-exact reference):
 
 The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
 torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
-for a while after each operator (measured: a dense product right after a torch operator took 1.4-1.6x as long).
+for a while after each operator and would slow the kernels' products down.
 
 The source is built on first use with the system C compiler (``$CC``, else ``cc``) into a cache directory
 (``$GRCN_BENCH_CACHE``, else ``$XDG_CACHE_HOME/grcn-bench`` or ``~/.cache/grcn-bench``), one file per source and

@@ -1,4 +1,4 @@
-r"""NGCF's embedding-propagation layer (SPEC §2.3).
+r"""NGCF's embedding-propagation layer (docs/protocol.md, "Baselines").
 
 Wang, He, Wang, Feng and Chua, "Neural Graph Collaborative Filtering", SIGIR 2019
 (https://arxiv.org/abs/1905.08108), Section 2.2, Eqs. 3-4 (message construction and aggregation) and Eq. 7 (the

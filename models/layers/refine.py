@@ -1,4 +1,4 @@
-r"""GRCN's graph refining layer and its propagation on the refined graph (SPEC §2.2, paper Section 2.2).
+r"""GRCN's graph refining layer and its propagation on the refined graph (paper Section 2.2).
 
 Wei, Wang, Nie, He and Chua, "Graph-Refined Convolutional Network for Multimedia Recommendation with Implicit
 Feedback", ACM MM 2020 (https://doi.org/10.1145/3394171.3413556, https://arxiv.org/abs/2111.02036).
@@ -20,9 +20,8 @@ directed edges are exactly the ``item -> user`` edges (CSR rows ``0..U-1``) and 
 Speed. Per-edge dot products (the logits of Eqs. 2 and 5) and weighted neighbourhood sums (Eqs. 3 and 8) run through
 :func:`~.sparse.sddmm` and :func:`~.sparse.spmm`, whose backward passes are each other and reuse the graph's index
 structures; nothing of size ``[E, M, d]`` is ever materialised. Each product runs once per modality on that
-modality's contiguous block (modality-major tensors). At Tiktok scale (2-core CPU) this took a training step from
-about 60 s and 5.6 GB peak (gather, multiply, scatter) to 1.3-1.7 s with the compiled kernels of :mod:`.native`
-(2.0-3.4 s with torch's) and 2.2 GB, with the same results up to float round-off (README, Performance).
+modality's contiguous block (modality-major tensors). At Tiktok scale, gathering and scattering ``[E, d]`` rows
+instead is many times slower and needs more than twice the memory (docs/performance.md).
 :class:`RefinedPropagation` keeps PyG's gather and scatter as the reference path.
 """
 

@@ -21,7 +21,7 @@ Each is the other's backward:
 
 so a forward and its backward never materialise an ``[nnz, d]`` tensor: both run as CSR sparse-dense products
 (``torch.sparse.mm``) and sampled products (``torch.sparse.sampled_addmm``), on CPU several times cheaper than
-gather, multiply and scatter at Tiktok scale (ENVIRONMENT.md), and on x86-64 CPUs as the compiled kernels of
+gather, multiply and scatter at Tiktok scale, and on x86-64 CPUs as the compiled kernels of
 :mod:`.native`, which compute the same sums 2.5-3x faster. torch's own backward of a CSR product rebuilds the
 transpose by sorting at every call; :class:`CSRPattern` carries the transpose's structure and the permutation that
 maps its entries to the forward's (for :class:`~grcn_bench.datasets.base.InteractionGraph` the pattern is symmetric
@@ -78,9 +78,9 @@ __all__ = [
 ]
 
 #: Channel-major transposed products of rows at most this wide are pushed along the forward's rows
-#: (:func:`_transposed_spmm_raw`). Measured at Tiktok scale, 2 cores: 4 channels of 16 took 16 instead of 26 ms over
-#: DisenGCN's layer-1 field (770k entries), 1.2 instead of 3.9 ms over layer 2's; 2 channels of 64 took longer pushed
-#: (40 against 30 ms), as each entry then reads and writes four cache lines of the output.
+#: (:func:`_transposed_spmm_raw`): pushing saves the pull's scattered reads of a row and its weight per entry. Wider
+#: rows stay pulled: pushed, each entry then reads and writes several cache lines of the output, which costs more
+#: than it saves (docs/kernels.md, "Sparse products").
 PUSH_MAX_WIDTH = 16
 
 #: Channel-major operands smaller than this run as one product over the channels' stacked pattern, larger ones as one
@@ -363,8 +363,8 @@ def _pushes(x: Tensor) -> bool:
 
 def _sampled_backward_pushed(pattern: CSRPattern, grad: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(dL/da, dL/db)`` of a channel-major sampled product in one walk over the rows, where its transposed product
-    is pushed (:func:`~.native.run_sddmm_backward_pushed`, the same sums: 33 against 47 ms over DisenGCN's layer-1
-    field); ``None`` otherwise."""
+    is pushed (:func:`~.native.run_sddmm_backward_pushed`, the same sums, with each entry's rows of ``b`` and of its
+    gradient fetched together); ``None`` otherwise."""
     if not _pushes(a):
         return None
     grad, a, b = grad.contiguous(), a.contiguous(), b.contiguous()
