@@ -592,7 +592,9 @@ def write_report(results_dir: Path, *, reference_rows: bool | None = None, tsne_
     if results.description:
         bundle.note(results.description)
     # Which search and seed policy produced every table below (docs/protocol.md, "Hyper-parameter search").
-    bundle.note(f"Hyper-parameters: {results.search_policy}.{_reuse_note(results)}")
+    unfinished = " The search has not finished: rerun the same command to resume it; these tables are partial." \
+        if results.search.get("complete") is False else ""
+    bundle.note(f"Hyper-parameters: {results.search_policy}.{_reuse_note(results)}{unfinished}")
     cache: dict[str, Any] = {}
     table2 = section_table2(bundle, results, reference=reference, cache=cache)
     groups = [table2, section_table3(bundle, results), section_fig3(bundle, results),
