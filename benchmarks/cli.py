@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Cell, Experiment
+from .config import Cell, Experiment, SearchSettings
 from .memory import keep_freed_memory
 from .search import Plan, estimate, plan_experiment, run_search
 from .store import ResultStore
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("grid", type=Path, help="results directory of a --search grid run")
     compare.add_argument("halving", type=Path, help="results directory of a --search halving run of the same grid")
     compare.add_argument("--csv", type=Path, help="also write the comparison as CSV")
+    compare.add_argument("--replay", nargs="+", default=[], metavar="MIN,ETA,SURVIVORS",
+                         help="also replay other halving schedules from the grid's histories (no training), e.g. "
+                              "10,3,2 20,3,3")
     return parser
 
 
@@ -142,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "report":
             return cmd_report(args.results)
         if command == "compare-search":
-            return cmd_compare_search(args.grid, args.halving, args.csv)
+            return cmd_compare_search(args.grid, args.halving, args.csv, args.replay)
         if command == "perf":
             from .perf import cmd_perf
 
@@ -283,10 +286,18 @@ def print_plan(experiment: Experiment, store: ResultStore) -> int:
     return 0
 
 
-def cmd_compare_search(grid: Path, halving: Path, csv: Path | None) -> int:
+def cmd_compare_search(grid: Path, halving: Path, csv: Path | None, replay: Sequence[str] = ()) -> int:
     from tabulate import tabulate
 
-    from grcn_bench.reports.search_compare import compare_searches, totals
+    from grcn_bench.reports.search_compare import compare_searches, replay_halving, totals
+
+    schedules = []
+    for text in replay:
+        try:
+            min_epochs, eta, survivors = (int(part) for part in text.split(","))
+            schedules.append(SearchSettings(method="halving", min_epochs=min_epochs, eta=eta, survivors=survivors))
+        except ValueError as err:
+            raise ValueError(f"--replay {text!r}: expected MIN,ETA,SURVIVORS such as 10,3,2 ({err})") from None
 
     comparison = compare_searches(grid, halving)
     if comparison.empty:
@@ -301,6 +312,15 @@ def cmd_compare_search(grid: Path, halving: Path, csv: Path | None) -> int:
           f"{summary['within_spread']} within the seed spread, {summary['worse']} worse")
     if csv is not None:
         comparison.to_csv(csv, index=False)
+    spreads = {(row.label, row.dataset): row.seed_spread for row in comparison.itertuples()}
+    for search in schedules:
+        replayed = replay_halving(grid, search, spreads=spreads)
+        counts = replayed.verdict.value_counts()
+        print(f"replayed halving min_epochs={search.min_epochs} eta={search.eta} survivors={search.survivors}: "
+              f"epochs {replayed.epochs.sum():,} (grid {replayed.grid_epochs.sum():,}, "
+              f"{replayed.grid_epochs.sum() / replayed.epochs.sum():.2f}x); picks: {counts.get('same', 0)} same, "
+              f"{counts.get('within spread', 0)} within the seed spread, {counts.get('worse', 0)} worse "
+              f"({', '.join(replayed[replayed.verdict == 'worse'].label) or 'none'})")
     return 0
 
 

@@ -18,7 +18,7 @@ is deterministic with every executor, which is what the resume guarantee needs; 
 A rung is the first ``budget`` epochs of a run: training does not depend on ``max_epochs`` (no schedule), so a rung
 is exactly the prefix of the finished run, early stopping included. Rungs restart from scratch instead of from a
 checkpoint, so that the committed store (results, no checkpoints) is all a resumed search needs; the repeated
-epochs are counted in :func:`epochs_trained`.
+epochs count in the search's cost (``grcn-bench compare-search``).
 """
 
 from __future__ import annotations
@@ -247,12 +247,6 @@ def plan_experiment(experiment: Experiment, store: ResultStore, finished: Finish
             lr, reg = source.selected
             reused += [template.with_settings(lr=lr, reg_weight=reg, seed=int(s)) for s in experiment.seeds]
     return Plan(plans, reused, [c for c in reused if not finished(c.cell_id)], waiting)
-
-
-def epochs_trained(store: ResultStore, cells: Iterable[Cell]) -> int:
-    """Epochs the stored ``cells`` trained (rungs included): the cost of a search."""
-    return sum(int(store.read(c.cell_id).get("epochs_run") or 0)
-               for c in {c.cell_id: c for c in cells}.values() if store.has(c.cell_id))
 
 
 def _fig4_sources(experiment: Experiment) -> set[tuple[str, str]]:

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from grcn_bench.benchmarks.config import SearchSettings
+from grcn_bench.benchmarks.search import halving_rungs, rank_points
+
 from .frame import results_frame
 from .selection import Selection, load_results, select
 
@@ -36,12 +39,15 @@ def _cost(frame: pd.DataFrame, label: str, dataset: str, seeds: set[int]) -> tup
 
 
 def compare_searches(grid_dir: str | Path, halving_dir: str | Path) -> pd.DataFrame:
-    """One row per configuration both directories selected (see the module docstring)."""
+    """One row per configuration both directories selected, the grid's every point finished (see the module
+    docstring)."""
     grid, halving = _selections(Path(grid_dir)), _selections(Path(halving_dir))
     grid_frame, halving_frame = results_frame(grid_dir), results_frame(halving_dir)
     rows = []
     for key in [k for k in grid if k in halving]:
         g, h = grid[key], halving[key]
+        if not all(point.usable for point in g.points):  # the grid is still running: nothing to compare yet
+            continue
         seeds = set(h.chosen.seeds) if h.chosen else set()
         selection_seeds = {int(run.settings["seed"]) for run in h.runs if run.selection_seeds is None
                            or int(run.settings["seed"]) in run.selection_seeds}
@@ -79,3 +85,43 @@ def totals(comparison: pd.DataFrame) -> dict[str, float]:
             "same": int((comparison.verdict == "same").sum()),
             "within_spread": int((comparison.verdict == "within spread").sum()),
             "worse": int((comparison.verdict == "worse").sum())}
+
+
+def replay_halving(grid_dir: str | Path, search: SearchSettings, *, spreads: dict[tuple[str, str], float] | None = None,
+                   ) -> pd.DataFrame:
+    """What halving with ``search``'s schedule would have picked and trained, replayed from an exhaustive grid's
+    histories (of its first seed) at no training cost.
+
+    A rung of ``b`` epochs is the first ``b`` epochs of the finished run (``docs/protocol.md``, "Hyper-parameter
+    search"), so its score is the best validation Recall@10 of the run's first ``b`` epochs and it trains
+    ``min(b, epochs_run)`` epochs. The survivors' runs are the grid's own. One row per configuration whose grid
+    finished, judged as in :func:`compare_searches` with ``spreads[(label, dataset)]`` as the seed spread.
+    """
+    rows = []
+    for (label, dataset), g in _selections(Path(grid_dir)).items():
+        if not all(point.usable for point in g.points):
+            continue
+        first_seed = min(int(r.settings["seed"]) for r in g.requested)
+        runs = {(float(r.settings["lr"]), float(r.settings["reg_weight"])): r for r in g.requested
+                if r.usable and int(r.settings["seed"]) == first_seed}
+        points = [(p.lr, p.reg_weight) for p in g.points]
+        curves = {point: [h["metrics"]["recall@10"] for h in runs[point].result["history"]] for point in points}
+        alive, budget, epochs = list(points), search.min_epochs, 0
+        rungs, _ = halving_rungs(len(points), search, int(g.requested[0].settings["max_epochs"]))
+        for _, budget in rungs:
+            scores = [max(curves[p][:budget]) for p in alive]
+            epochs += sum(min(budget, len(curves[p])) for p in alive)
+            keep = max(search.survivors, -(-len(alive) // search.eta))
+            kept = set(rank_points(alive, scores)[:keep])
+            alive = [p for p in alive if p in kept]
+        epochs += sum(len(curves[p]) for p in alive)
+        finals = [max(curves[p]) for p in alive]
+        pick = alive[max(range(len(alive)), key=lambda k: (finals[k], -k))]
+        best = (g.chosen.lr, g.chosen.reg_weight)
+        gap = g.chosen.score - max(curves[pick])
+        spread = (spreads or {}).get((label, dataset))
+        verdict = "same" if pick == best else ("within spread" if spread is not None and gap <= spread else "worse")
+        rows.append({"label": label, "dataset": dataset, "pick_lr": pick[0], "pick_reg": pick[1], "gap": gap,
+                     "verdict": verdict, "epochs": epochs,
+                     "grid_epochs": sum(len(curves[p]) for p in points)})
+    return pd.DataFrame(rows)

@@ -368,3 +368,23 @@ def test_compare_search_judges_picks_against_the_seed_spread(tmp_path):
     write(tmp_path / "halving", [(1e-3, 0, 0.38), (1e-3, 1, 0.37), (1e-3, 2, 0.39)],
           {"selection_seeds": 1, "selection_seed_list": [0]})
     assert compare_searches(tmp_path / "grid", tmp_path / "halving").verdict.tolist() == ["worse"]
+
+
+def test_replaying_halving_from_the_grid_gives_the_real_halving(tmp_path, uninterrupted):
+    """A rung is a prefix of its finished run, so halving replayed from an exhaustive grid's histories makes the
+    real search's decisions at the real search's cost."""
+    from grcn_bench.reports.search_compare import compare_searches, replay_halving
+
+    grid_args = ["--models", "mf", "--datasets", "synthetic:tiny", "--lr", "1e-3", "1e-2", "3e-2", "--reg", "1e-4",
+                 "1e-2", "--seeds", "0", "--search", "grid", "--max-epochs", "12", "--patience", "3", "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["run", *grid_args, "--out", str(tmp_path), "--no-report"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    [real] = compare_searches(tmp_path, uninterrupted.root).to_dict("records")
+    [replayed] = replay_halving(tmp_path, SearchSettings(method="halving", min_epochs=2, survivors=1)).to_dict(
+        "records")
+    assert (replayed["pick_lr"], replayed["pick_reg"]) == (real["halving_lr"], real["halving_reg"])
+    assert replayed["epochs"] == real["halving_epochs"] and replayed["grid_epochs"] == real["grid_epochs"]
