@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "only (default: the experiment's, else every seed selects)")
     run.add_argument("--min-epochs", type=int, help="halving: epochs of the first rung (default 10)")
     run.add_argument("--eta", type=int, help="halving: keep the best 1/eta points at each rung (default 3)")
-    run.add_argument("--survivors", type=int, help="halving: points trained to early stopping (default 2)")
+    run.add_argument("--survivors", type=int, help="halving: points (per lr) trained to early stopping (default 2)")
+    run.add_argument("--per-lr", action=argparse.BooleanOptionalAction, default=None,
+                     help="halving: halve within each learning rate, so that learning rates are compared at "
+                          "convergence (default); --no-per-lr halves across all points")
     run.add_argument("--executor", choices=["serial", "process", "ray"], default="serial",
                      help="who runs the cells: this process (default), a local process pool, or Ray tasks")
     run.add_argument("--workers", type=int,
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--csv", type=Path, help="also write the comparison as CSV")
     compare.add_argument("--replay", nargs="+", default=[], metavar="MIN,ETA,SURVIVORS",
                          help="also replay other halving schedules from the grid's histories (no training), e.g. "
-                              "10,3,2 20,3,3")
+                              "10,3,2 or 10,3,1,lr (halving within each learning rate)")
     return parser
 
 
@@ -211,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     train = {"max_epochs": args.max_epochs, "patience": args.patience, "batch_size": args.batch_size,
              "protocol": args.protocol}
     search = {"method": args.search, "selection_seeds": args.selection_seeds, "min_epochs": args.min_epochs,
-              "eta": args.eta, "survivors": args.survivors}
+              "eta": args.eta, "survivors": args.survivors, "per_lr": args.per_lr}
     experiment = experiment.override(models=args.models, datasets=args.datasets, seeds=args.seeds, lr=args.lr,
                                      reg=args.reg, train=train, search=search)
     for entry in experiment.models:
@@ -293,11 +296,17 @@ def cmd_compare_search(grid: Path, halving: Path, csv: Path | None, replay: Sequ
 
     schedules = []
     for text in replay:
+        parts = text.split(",")
         try:
-            min_epochs, eta, survivors = (int(part) for part in text.split(","))
-            schedules.append(SearchSettings(method="halving", min_epochs=min_epochs, eta=eta, survivors=survivors))
+            per_lr = parts[3:] == ["lr"]
+            if len(parts) != 3 + per_lr:
+                raise ValueError("three numbers, then optionally 'lr'")
+            min_epochs, eta, survivors = (int(part) for part in parts[:3])
+            schedules.append(SearchSettings(method="halving", min_epochs=min_epochs, eta=eta, survivors=survivors,
+                                            per_lr=per_lr))
         except ValueError as err:
-            raise ValueError(f"--replay {text!r}: expected MIN,ETA,SURVIVORS such as 10,3,2 ({err})") from None
+            raise ValueError(f"--replay {text!r}: expected MIN,ETA,SURVIVORS[,lr] such as 10,3,2 or 10,3,1,lr "
+                             f"({err})") from None
 
     comparison = compare_searches(grid, halving)
     if comparison.empty:
@@ -316,7 +325,8 @@ def cmd_compare_search(grid: Path, halving: Path, csv: Path | None, replay: Sequ
     for search in schedules:
         replayed = replay_halving(grid, search, spreads=spreads)
         counts = replayed.verdict.value_counts()
-        print(f"replayed halving min_epochs={search.min_epochs} eta={search.eta} survivors={search.survivors}: "
+        print(f"replayed halving min_epochs={search.min_epochs} eta={search.eta} survivors={search.survivors}"
+              f"{' per lr' if search.per_lr else ''}: "
               f"epochs {replayed.epochs.sum():,} (grid {replayed.grid_epochs.sum():,}, "
               f"{replayed.grid_epochs.sum() / replayed.epochs.sum():.2f}x); picks: {counts.get('same', 0)} same, "
               f"{counts.get('within spread', 0)} within the seed spread, {counts.get('worse', 0)} worse "

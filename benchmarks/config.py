@@ -174,14 +174,19 @@ class SearchSettings:
 
     Args:
         method: ``"grid"`` trains every point to early stopping; ``"halving"`` (successive halving) trains every
-            point for ``min_epochs``, keeps the best ``1/eta`` on validation Recall@10, multiplies the budget by
-            ``eta``, and so on until ``survivors`` points are left; those train to early stopping.
+            point for ``min_epochs``, keeps the best ``1/eta`` on validation Recall@10 (within each lr by default),
+            multiplies the budget by ``eta``, and so on until ``survivors`` points (per lr) are left; those train to
+            early stopping.
         selection_seeds: how many of the experiment's seeds (the first ones) the search runs on and selects with
             (the mean of their validation Recall@10); the other seeds then run only at the selected point.
             ``None``: every seed selects, today's protocol.
         min_epochs: the epoch budget of halving's first rung.
         eta: halving's reduction factor (>= 2).
-        survivors: how many points halving trains to early stopping (>= 1).
+        survivors: how many points halving trains to early stopping (>= 1); with ``per_lr``, per learning rate.
+        per_lr: halve within each learning rate (the default): the λ points of every lr compete only with each
+            other in the rungs, and every lr's survivors train to early stopping, so that learning rates are
+            compared at convergence. A slow lr is still far from its best after a rung's few epochs, and halving
+            across learning rates drops it (measured: ``docs/results.md``).
     """
 
     method: str = "grid"
@@ -189,6 +194,7 @@ class SearchSettings:
     min_epochs: int = 10
     eta: int = 3
     survivors: int = 2
+    per_lr: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in SEARCH_METHODS:
@@ -204,9 +210,11 @@ class SearchSettings:
         if self.method == "grid":
             how = "exhaustive grid: every lr x λ point trained to early stopping"
         else:
+            within = " within each lr" if self.per_lr else ""
+            last = f"the last {self.survivors}{' per lr' if self.per_lr else ''}"
             how = (f"successive halving: every lr x λ point trained {self.min_epochs} epochs, the best 1/{self.eta} "
-                   f"on validation Recall@10 kept at each rung (budget x{self.eta}), the last {self.survivors} "
-                   "trained to early stopping")
+                   f"on validation Recall@10{within} kept at each rung (budget x{self.eta}), {last} trained to "
+                   "early stopping")
         chosen = list(seeds)[: self.selection_seeds] if self.selection_seeds else list(seeds)
         rest = list(seeds)[len(chosen):]
         policy = f"selected on the mean validation Recall@10 of seed{'s' if len(chosen) > 1 else ''} " \

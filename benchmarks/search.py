@@ -132,6 +132,31 @@ def rank_points(points: Sequence[Point], scores: Sequence[float]) -> list[Point]
     return [points[k] for k in order]
 
 
+def _groups(points: Sequence[Point], search: SearchSettings) -> list[list[Point]]:
+    """The points that compete with each other in a rung: all of them, or each learning rate's (``per_lr``)."""
+    if not search.per_lr:
+        return [list(points)]
+    by_lr: dict[float, list[Point]] = {}
+    for point in points:
+        by_lr.setdefault(point[0], []).append(point)
+    return list(by_lr.values())
+
+
+def needs_rung(points: Sequence[Point], search: SearchSettings) -> bool:
+    """Whether halving still has points to drop: some group holds more than ``survivors``."""
+    return any(len(group) > search.survivors for group in _groups(points, search))
+
+
+def promote(points: Sequence[Point], scores: Sequence[float], search: SearchSettings) -> list[Point]:
+    """The points a rung keeps, in grid order: in each group the best ``ceil(n / eta)``, and at least ``survivors``."""
+    score_of = dict(zip(points, scores, strict=True))
+    kept: set[Point] = set()
+    for group in _groups(points, search):
+        keep = max(search.survivors, math.ceil(len(group) / search.eta))
+        kept.update(rank_points(group, [score_of[p] for p in group])[:keep])
+    return [p for p in points if p in kept]
+
+
 def plan_study(study: Study, store: ResultStore, finished: Finished | None = None) -> StudyPlan:
     """Replay ``study``'s search from the store (see the module docstring)."""
     finished = finished or store.has
@@ -148,14 +173,13 @@ def plan_study(study: Study, store: ResultStore, finished: Finished | None = Non
     alive = list(study.points)
     if search.method == "halving":
         budget = search.min_epochs
-        while len(alive) > search.survivors and budget < study.template.settings.max_epochs:
+        while needs_rung(alive, search) and budget < study.template.settings.max_epochs:
             if need([study.cell(p, s, budget=budget) for p in alive for s in seeds]):
                 return plan
             scores = [mean_score(score(stored(study.cell(p, s, budget=budget))) for s in seeds) for p in alive]
-            keep = max(search.survivors, math.ceil(len(alive) / search.eta))
-            kept = set(rank_points(alive, scores)[:keep])
-            plan.rungs.append(Rung(budget, tuple(alive), tuple(scores), tuple(p for p in alive if p in kept)))
-            alive = [p for p in alive if p in kept]  # back in grid order
+            kept = promote(alive, scores, search)
+            plan.rungs.append(Rung(budget, tuple(alive), tuple(scores), tuple(kept)))
+            alive = kept
             budget *= search.eta
     plan.stage = "survivors"
     plan.finals = [study.cell(p, s) for p in alive for s in seeds]
@@ -328,15 +352,16 @@ class Estimate:
         return self.rung_epochs + self.runs * self.max_epochs_per_run
 
 
-def halving_rungs(points: int, search: SearchSettings, max_epochs: int) -> tuple[list[tuple[int, int]], int]:
-    """(points, budget) of every rung halving trains for ``points`` grid points, and how many points survive them
-    to train to early stopping (the same arithmetic as :func:`plan_study`)."""
-    rungs, budget = [], search.min_epochs
-    while points > search.survivors and budget < max_epochs:
-        rungs.append((points, budget))
-        points = max(search.survivors, math.ceil(points / search.eta))
+def halving_rungs(points: Sequence[Point], search: SearchSettings, max_epochs: int
+                  ) -> tuple[list[tuple[int, int]], int]:
+    """(points, budget) of every rung halving trains on ``points``, and how many points survive them to train to
+    early stopping (the same arithmetic as :func:`plan_study`, whatever the scores)."""
+    rungs, budget, alive = [], search.min_epochs, list(points)
+    while needs_rung(alive, search) and budget < max_epochs:
+        rungs.append((len(alive), budget))
+        alive = promote(alive, [0.0] * len(alive), search)  # how many survive does not depend on the scores
         budget *= search.eta
-    return rungs, points
+    return rungs, len(alive)
 
 
 def estimate(experiment: Experiment, store: ResultStore | None = None) -> Estimate:
@@ -350,7 +375,7 @@ def estimate(experiment: Experiment, store: ResultStore | None = None) -> Estima
         max_per_run = max(max_per_run, settings.max_epochs)
         points, chosen = len(study.points), len(study.selection_seeds)
         if study.search.method == "halving":
-            rungs, points = halving_rungs(points, study.search, settings.max_epochs)
+            rungs, points = halving_rungs(study.points, study.search, settings.max_epochs)
             rung_cells += sum(count * chosen for count, _ in rungs)
             rung_epochs += sum(count * chosen * budget for count, budget in rungs)
         runs += points * chosen + len(study.other_seeds)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from grcn_bench.benchmarks.config import SearchSettings
-from grcn_bench.benchmarks.search import halving_rungs, rank_points
+from grcn_bench.benchmarks.search import halving_rungs, promote
 
 from .frame import results_frame
 from .selection import Selection, load_results, select
@@ -106,14 +106,12 @@ def replay_halving(grid_dir: str | Path, search: SearchSettings, *, spreads: dic
                 if r.usable and int(r.settings["seed"]) == first_seed}
         points = [(p.lr, p.reg_weight) for p in g.points]
         curves = {point: [h["metrics"]["recall@10"] for h in runs[point].result["history"]] for point in points}
-        alive, budget, epochs = list(points), search.min_epochs, 0
-        rungs, _ = halving_rungs(len(points), search, int(g.requested[0].settings["max_epochs"]))
+        alive, epochs = list(points), 0
+        rungs, _ = halving_rungs(points, search, int(g.requested[0].settings["max_epochs"]))
         for _, budget in rungs:
             scores = [max(curves[p][:budget]) for p in alive]
             epochs += sum(min(budget, len(curves[p])) for p in alive)
-            keep = max(search.survivors, -(-len(alive) // search.eta))
-            kept = set(rank_points(alive, scores)[:keep])
-            alive = [p for p in alive if p in kept]
+            alive = promote(alive, scores, search)
         epochs += sum(len(curves[p]) for p in alive)
         finals = [max(curves[p]) for p in alive]
         pick = alive[max(range(len(alive)), key=lambda k: (finals[k], -k))]

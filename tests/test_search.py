@@ -5,6 +5,7 @@ the prefix of its finished run; a SIGKILL then a rerun gives the uninterrupted r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -58,7 +59,7 @@ def fake_result(cell: Cell, val: float, *, test: float = 0.5, status: str = "ok"
 
 def study(seeds=(0,), **search) -> Study:
     template = Cell("mf", "synthetic:tiny", TrainSettings(max_epochs=100, patience=5), label="BPR-MF")
-    return Study(template, POINTS, tuple(seeds), SearchSettings(method="halving", **search))
+    return Study(template, POINTS, tuple(seeds), SearchSettings(method="halving", per_lr=False, **search))
 
 
 # ------------------------------------------------------------------------------ the schedule, hand-worked
@@ -138,16 +139,21 @@ def test_selection_never_reads_test_metrics(tmp_path):
 
 
 def test_the_schedule_arithmetic_of_the_paper_grid():
-    search = SearchSettings(method="halving")  # min 10 epochs, eta 3, 2 survivors
-    assert halving_rungs(15, search, 1000) == ([(15, 10), (5, 30)], 2)
-    assert halving_rungs(2, search, 1000) == ([], 2)
-    assert halving_rungs(15, search, 20) == ([(15, 10)], 5)  # the budget reached max_epochs: 5 points finish
+    search = SearchSettings(method="halving", survivors=2, per_lr=False)  # min 10 epochs, eta 3
+    grid = [(lr, reg) for lr in (1e-4, 1e-3, 1e-2) for reg in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)]
+    assert halving_rungs(grid, search, 1000) == ([(15, 10), (5, 30)], 2)
+    assert halving_rungs(grid[:2], search, 1000) == ([], 2)
+    assert halving_rungs(grid, search, 20) == ([(15, 10)], 5)  # the budget reached max_epochs: 5 points finish
+    # Within each lr: 5 λ -> 2 per lr after one rung (ceil(5 / 3)); with one survivor per lr, 5 -> 2 -> 1.
+    assert halving_rungs(grid, SearchSettings(method="halving"), 1000) == ([(15, 10)], 6)  # the default
+    assert halving_rungs(grid, SearchSettings(method="halving", survivors=1), 1000) == ([(15, 10), (6, 30)], 3)
 
 
 def test_estimate_counts_rungs_runs_and_other_seeds():
     experiment = Experiment("t", (ModelEntry("mf", "BPR-MF"),), ("synthetic:tiny",), seeds=(0, 1, 2), lr=LRS,
                             reg=REGS, train={"patience": 5},
-                            search=SearchSettings(method="halving", selection_seeds=1, min_epochs=2, survivors=1))
+                            search=SearchSettings(method="halving", selection_seeds=1, min_epochs=2, survivors=1,
+                                                  per_lr=False))
     guess = estimate(experiment)
     # Rungs: 6 points x 2 epochs, then 2 x 6; one survivor on seed 0, then seeds 1 and 2.
     assert (guess.rung_cells, guess.rung_epochs, guess.runs) == (8, 24, 3)
@@ -240,7 +246,7 @@ def test_the_report_selects_on_the_selection_seeds_only(tmp_path):
 
 TINY = ["--models", "mf", "--datasets", "synthetic:tiny", "--lr", "1e-3", "1e-2", "3e-2", "--reg", "1e-4", "1e-2",
         "--seeds", "0", "1", "--search", "halving", "--selection-seeds", "1", "--min-epochs", "2", "--survivors", "1",
-        "--max-epochs", "12", "--patience", "3", "--no-progress"]
+        "--no-per-lr", "--max-epochs", "12", "--patience", "3", "--no-progress"]
 
 
 def outcome(result: dict) -> dict:
@@ -311,7 +317,8 @@ def test_halving_resumes_after_a_sigkill_with_the_uninterrupted_result(tmp_path,
 def test_the_process_executor_makes_the_same_decisions(tmp_path, uninterrupted):
     experiment = Experiment("adhoc", (ModelEntry("mf", "mf"),), ("synthetic:tiny",), seeds=(0, 1), lr=LRS,
                             reg=REGS, train={"max_epochs": 12, "patience": 3},
-                            search=SearchSettings(method="halving", selection_seeds=1, min_epochs=2, survivors=1))
+                            search=SearchSettings(method="halving", selection_seeds=1, min_epochs=2, survivors=1,
+                                                  per_lr=False))
     store = ResultStore(tmp_path)
 
     def run_round(cells, keep):
@@ -384,7 +391,16 @@ def test_replaying_halving_from_the_grid_gives_the_real_halving(tmp_path, uninte
     finally:
         torch.set_num_threads(threads)
     [real] = compare_searches(tmp_path, uninterrupted.root).to_dict("records")
-    [replayed] = replay_halving(tmp_path, SearchSettings(method="halving", min_epochs=2, survivors=1)).to_dict(
-        "records")
+    [replayed] = replay_halving(tmp_path, SearchSettings(method="halving", min_epochs=2, survivors=1,
+                                                         per_lr=False)).to_dict("records")
     assert (replayed["pick_lr"], replayed["pick_reg"]) == (real["halving_lr"], real["halving_reg"])
     assert replayed["epochs"] == real["halving_epochs"] and replayed["grid_epochs"] == real["grid_epochs"]
+
+
+def test_per_lr_halving_keeps_each_learning_rates_best_where_plain_halving_keeps_the_fastest():
+    from grcn_bench.benchmarks.search import promote
+
+    scores = (0.1, 0.2, 0.5, 0.4, 0.9, 0.8)  # by point: lr 1e-3, 1e-2, 3e-2 x λ 1e-4, 1e-2
+    one = SearchSettings(method="halving", survivors=1)
+    assert promote(POINTS, scores, one) == [(1e-3, 1e-2), (1e-2, 1e-4), (3e-2, 1e-4)]
+    assert promote(POINTS, scores, dataclasses.replace(one, per_lr=False)) == [(3e-2, 1e-4), (3e-2, 1e-2)]
