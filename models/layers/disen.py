@@ -1,6 +1,6 @@
 r"""DisenGCN's neighbourhood-routing layer, DisenConv (SPEC §2.3).
 
-Ma, Cui, Kuang, Wu and Zhu, "Disentangled Graph Convolutional Networks", ICML 2019
+Ma, Cui, Kuang, Wang and Zhu, "Disentangled Graph Convolutional Networks", ICML 2019
 (http://proceedings.mlr.press/v97/ma19a.html), Section 3 and Algorithm 1.
 """
 
@@ -16,6 +16,10 @@ from .dense import RowSubset, linear
 from .edge_ops import l2_normalize
 from .field import FieldLayer, gather_columns, scatter_columns_
 from .sparse import CSRPattern, sddmm, spmm
+
+#: The channel projection's activation :math:`\sigma`: ReLU (the paper's experiments), LeakyReLU (slope 0.2), tanh,
+#: or none (the identity).
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
 
 
 class _ChannelSoftmaxAtGraphPositions(torch.autograd.Function):
@@ -54,11 +58,12 @@ class NeighRoutingConv(MessagePassing):
         \mathbf{c}_{u,k} \leftarrow \frac{\mathbf{z}_{u,k} + \sum_{j} p_{j,k} \mathbf{z}_{j,k}}
             {\lVert \mathbf{z}_{u,k} + \sum_{j} p_{j,k} \mathbf{z}_{j,k} \rVert_2}
 
-    and the output is :math:`\mathbf{y}_u = \mathbf{c}_{u,1} \| \cdots \| \mathbf{c}_{u,K}`. :math:`\sigma` is ReLU,
-    as in the paper's experiments. ``p`` is a softmax over channels, separately for each directed edge (a neighbour
-    splits its unit of influence between the target's channels); a node without neighbours keeps :math:`\mathbf{z}_u`.
-    Zero iterations return :math:`\mathbf{z}_u`. A channel whose ReLU output is all zero stays the zero vector
-    (normalisation uses a small epsilon).
+    and the output is :math:`\mathbf{y}_u = \mathbf{c}_{u,1} \| \cdots \| \mathbf{c}_{u,K}`. :math:`\sigma` is
+    ``activation``: ReLU by default, as in the paper's experiments (then every channel lies in the non-negative
+    orthant); ``"leaky_relu"`` (slope 0.2), ``"tanh"`` or ``"none"`` keep signs. ``p`` is a softmax over channels,
+    separately for each directed edge (a neighbour splits its unit of influence between the target's channels); a
+    node without neighbours keeps :math:`\mathbf{z}_u`. Zero iterations return :math:`\mathbf{z}_u`. A channel whose
+    activation output is all zero stays the zero vector (normalisation uses a small epsilon).
 
     Args:
         in_channels: input width.
@@ -66,6 +71,7 @@ class NeighRoutingConv(MessagePassing):
         channel_dim: width of each channel (16); the output width is ``num_channels * channel_dim``.
         iterations: routing iterations (3).
         tau: softmax temperature :math:`\tau` (1).
+        activation: :math:`\sigma`, one of :data:`ACTIVATIONS` (``"relu"``).
 
     Shapes:
         - **input:** node features ``[N, in]``, ``edge_index [2, E]`` (row 0 source, row 1 target), and optionally
@@ -82,16 +88,20 @@ class NeighRoutingConv(MessagePassing):
           ``[E, K]`` in edge order, zeros when ``iterations`` is 0).
     """
 
-    def __init__(self, in_channels: int, num_channels: int, channel_dim: int, *, iterations: int = 3, tau: float = 1.0):
+    def __init__(self, in_channels: int, num_channels: int, channel_dim: int, *, iterations: int = 3, tau: float = 1.0,
+                 activation: str = "relu"):
         super().__init__(aggr="sum", node_dim=0)  # node features are [N, K, channel_dim]
         if num_channels < 1 or channel_dim < 1 or iterations < 0 or tau <= 0:
             raise ValueError(
                 f"need num_channels >= 1, channel_dim >= 1, iterations >= 0, tau > 0; "
                 f"got {num_channels}, {channel_dim}, {iterations}, {tau}"
             )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.in_channels = in_channels
         self.num_channels, self.channel_dim = num_channels, channel_dim
         self.iterations, self.tau = iterations, tau
+        self.activation = activation
         self.lin = xavier_linear(in_channels, num_channels * channel_dim)
 
     def reset_parameters(self) -> None:
@@ -99,9 +109,16 @@ class NeighRoutingConv(MessagePassing):
         reset_xavier(self.lin)
 
     def channels(self, x: Tensor, rows: RowSubset | None = None) -> Tensor:
-        """``[N, K, channel_dim]``: the per-channel projections, ReLU, each channel L2-normalised (``rows``: ``x``
-        holds these rows of the graph's nodes, :func:`~.dense.linear`)."""
-        z = F.relu(linear(x, self.lin.weight, self.lin.bias, rows=rows), inplace=True)  # in place on a fresh product
+        r"""``[N, K, channel_dim]``: the per-channel projections, :math:`\sigma` (``activation``), each channel
+        L2-normalised (``rows``: ``x`` holds these rows of the graph's nodes, :func:`~.dense.linear`). Every
+        activation is elementwise, so rows of ``x`` give those rows of the result."""
+        z = linear(x, self.lin.weight, self.lin.bias, rows=rows)
+        if self.activation == "relu":
+            z = F.relu(z, inplace=True)  # in place on a fresh product
+        elif self.activation == "leaky_relu":
+            z = F.leaky_relu(z, 0.2, inplace=True)
+        elif self.activation == "tanh":
+            z = torch.tanh(z)
         z = z.view(-1, self.num_channels, self.channel_dim)
         return l2_normalize(z)
 
@@ -197,5 +214,5 @@ class NeighRoutingConv(MessagePassing):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.in_channels}, channels={self.num_channels}x{self.channel_dim}, "
-            f"iterations={self.iterations}, tau={self.tau})"
+            f"iterations={self.iterations}, tau={self.tau}, activation={self.activation})"
         )
