@@ -261,7 +261,8 @@ def manifest(experiment: Experiment, plan: Plan) -> dict:
                        "policy": experiment.search.describe(experiment.seeds),
                        "reused": list(dict.fromkeys(f"{e.label} ({e.group}) from {e.tuned_from}"
                                                     for e in experiment.models if e.tuned_from)),
-                       "complete": plan.done}}
+                       "complete": plan.done,
+                       "rung_cells": [c.cell_id for c in plan.rung_cells()]}}
 
 
 def print_plan(experiment: Experiment, store: ResultStore) -> int:

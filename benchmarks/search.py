@@ -230,6 +230,13 @@ class Plan:
         """Every finished run the report reads (rungs are not among them), for ``experiment.json``."""
         return [c for plan in self.studies for c in plan.finals] + self.reused
 
+    def rung_cells(self) -> list[Cell]:
+        """Every rung the search has decided on or is running: with :meth:`requested`, what it trained."""
+        decided = [plan.study.cell(point, seed, budget=rung.budget) for plan in self.studies for rung in plan.rungs
+                   for point in rung.points for seed in plan.study.selection_seeds]
+        running = [c for plan in self.studies for c in plan.pending if not c.final]
+        return list({c.cell_id: c for c in decided + running}.values())
+
 
 def _templates(experiment: Experiment, entry: ModelEntry) -> list[Cell]:
     """One cell per (dataset, sweep point) of ``entry``, at the grid's first point and seed."""

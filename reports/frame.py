@@ -12,7 +12,8 @@ notebook can re-derive any table number::
     table2.groupby(["dataset", "label"])["test_recall@10"].agg(["mean", "std", "count"])
 
 Successive halving's rungs (partial runs with no test metrics) are rows too, with ``stage == "rung"``; pass
-``rungs=False`` to leave them out.
+``rungs=False`` to leave them out. ``in_search`` marks the cells the experiment's search trained (its runs and the
+rungs it decided on), as opposed to leftovers of another search in the same directory.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from grcn_bench.benchmarks.store import ResultStore
 from .selection import load_results, select
 
 COLUMNS = ("cell_id", "label", "group", "model", "dataset", "stage", "protocol", "lr", "reg_weight", "seed",
-           "max_epochs", "patience", "batch_size", "options", "status", "selected", "best_epoch", "epochs_run",
-           "seconds", "cpu_seconds", "test_seconds")
+           "max_epochs", "patience", "batch_size", "options", "status", "selected", "in_search", "best_epoch",
+           "epochs_run", "seconds", "cpu_seconds", "test_seconds")
 
 
 def results_frame(results_dir: str | Path, *, rungs: bool = True) -> pd.DataFrame:
@@ -58,6 +59,11 @@ def results_frame(results_dir: str | Path, *, rungs: bool = True) -> pd.DataFram
             continue
         cell = result.get("cell", {})
         rows.append(_row(cell, result, group="", label=cell.get("label") or cell.get("model", ""), selected=False))
+    # What the experiment's search trained: its finished runs and the rungs it decided on (other cells in the store
+    # are leftovers, e.g. of a search with another schedule).
+    searched = seen | set(results.search.get("rung_cells", []))
+    for row in rows:
+        row["in_search"] = row["cell_id"] in searched
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=list(COLUMNS))

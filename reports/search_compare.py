@@ -33,7 +33,7 @@ def _cost(frame: pd.DataFrame, label: str, dataset: str, seeds: set[int]) -> tup
     """Epochs and CPU seconds every stored cell of ``(label, dataset)`` on ``seeds`` trained, rungs included (wall
     seconds for results stored before CPU time was recorded)."""
     rows = frame[(frame.label == label) & (frame.dataset == dataset) & (frame.protocol == "standard")
-                 & frame.seed.isin(seeds)].drop_duplicates("cell_id")
+                 & frame.seed.isin(seeds) & frame.in_search].drop_duplicates("cell_id")
     seconds = rows.cpu_seconds.fillna(rows.seconds).fillna(0)
     return int(rows.epochs_run.fillna(0).sum()), float(seconds.sum())
 
