@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -277,8 +278,9 @@ def print_plan(experiment: Experiment, store: ResultStore) -> int:
                                                          f"reg={study_plan.selected[1]}"
         print(f"# study {study.template.label}  {study.template.dataset}  [{study.template.group}]  "
               f"{study_plan.stage}{' ' + rungs if rungs else ''}{chosen}")
-    for label, dataset, source in plan.waiting:
-        print(f"# waiting {label}  {dataset}: takes lr and λ from {source}'s selection, once that is done")
+    for label, dataset, source, options in plan.waiting:
+        shown = f" {json.dumps(options, sort_keys=True)}" if options else ""
+        print(f"# waiting {label}{shown}  {dataset}: takes lr and λ from {source}'s selection, once that is done")
     for cell in plan.pending:
         kind = f"rung {cell.settings.max_epochs}ep" if not cell.final else "run"
         print(f"{cell.cell_id}  {kind:11s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "

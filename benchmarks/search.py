@@ -206,7 +206,7 @@ class Plan:
     studies: list[StudyPlan]
     reused: list[Cell]  # cells of ``tuned_from`` entries whose source study is done
     reused_pending: list[Cell]
-    waiting: list[tuple[str, str, str]]  # (label, dataset, source label) whose source study is not done yet
+    waiting: list[tuple[str, str, str, dict[str, Any]]]  # (label, dataset, source label, options) still waiting
 
     @property
     def requests(self) -> list[Cell]:
@@ -273,7 +273,7 @@ def plan_experiment(experiment: Experiment, store: ResultStore, finished: Finish
                     f"experiment {experiment.name!r}: entry {entry.label!r} takes its lr and λ from "
                     f"{entry.tuned_from!r} on {dataset}, but no searched entry has that label and dataset")
             if not source.done:
-                waiting.append((entry.label, template.dataset, entry.tuned_from))
+                waiting.append((entry.label, template.dataset, entry.tuned_from, dict(template.options)))
                 continue
             lr, reg = source.selected
             reused += [template.with_settings(lr=lr, reg_weight=reg, seed=int(s)) for s in experiment.seeds]
@@ -287,12 +287,30 @@ def _fig4_sources(experiment: Experiment) -> set[tuple[str, str]]:
             for cell in _templates(experiment, entry)}
 
 
+EMBEDDINGS = ("user_embedding", "item_embedding")
+
+
 def keeps_embeddings(experiment: Experiment, cell: Cell) -> bool:
-    """Whether ``cell`` must also store its final embeddings: the t-SNE figure's cells, and the finished runs of
-    the studies it takes its point from (the selected one is not known until they have all run)."""
+    """Whether ``cell`` must also store its final embeddings: the t-SNE figure's cells, and the finished runs on the
+    first seed (the figure draws the selected point's first seed) of the studies it takes its point from; the
+    selected point is not known until they have all run, and :func:`drop_unselected_embeddings` then drops the
+    others'."""
     if cell.group == "fig4":
         return True
-    return cell.final and (cell.label or cell.model, base_dataset(cell.dataset)) in _fig4_sources(experiment)
+    return (cell.final and cell.settings.seed == experiment.seeds[0]
+            and (cell.label or cell.model, base_dataset(cell.dataset)) in _fig4_sources(experiment))
+
+
+def drop_unselected_embeddings(experiment: Experiment, store: ResultStore, plan: Plan) -> None:
+    """Once a study the t-SNE figure draws from has selected its point, drop the embeddings of its other runs:
+    they are megabytes each and nothing reads them."""
+    sources = _fig4_sources(experiment)
+    for study_plan in plan.studies:
+        if study_plan.selected is None or study_plan.study.key not in sources:
+            continue
+        for cell in study_plan.finals:
+            if (cell.settings.lr, cell.settings.reg_weight) != study_plan.selected and store.has(cell.cell_id):
+                store.drop_arrays(cell.cell_id, EMBEDDINGS)
 
 
 def run_search(
@@ -328,6 +346,7 @@ def run_search(
     results: list[dict[str, Any]] = []
     while True:
         plan = plan_experiment(experiment, store, finished)
+        drop_unselected_embeddings(experiment, store, plan)
         if on_plan is not None:
             on_plan(plan)
         todo = [c for c in plan.pending if c.cell_id not in ran]

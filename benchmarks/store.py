@@ -18,7 +18,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,17 @@ class ResultStore:
             return {}
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
+
+    def drop_arrays(self, cell_id: str, names: Sequence[str]) -> bool:
+        """Rewrite a cell's ``.npz`` without the arrays ``names`` (atomically); whether any was there."""
+        arrays = self.read_arrays(cell_id)
+        if not any(name in arrays for name in names):
+            return False
+        kept = {k: v for k, v in arrays.items() if k not in names}
+        buffer = io.BytesIO()
+        np.savez(buffer, **kept)
+        atomic_write_bytes(self.arrays_path(cell_id), buffer.getvalue())
+        return True
 
     def cell_ids(self) -> list[str]:
         if not self.cells_dir.is_dir():

@@ -212,7 +212,8 @@ def test_the_paper_preset_lists_its_cells_and_an_estimate(capsys):
     code = cli.main(["run", "paper", "--dry-run", "--out", "/nonexistent-dry-run"])
     out, err = capsys.readouterr()
     assert code == 0 and "successive halving" in out
-    assert "# waiting Visual  synthetic:tiktok: takes lr and λ from GRCN's selection" in out
+    assert "# waiting Visual {\"modalities\": [\"v\"]}  synthetic:tiktok: takes lr and λ from GRCN's selection" in out
+    assert '# waiting GRCN {"routing_iterations": 0}  synthetic:kwai' in out
     assert "rung 10ep" in out and "runs to early stopping, about" in err
     experiment = load_experiment("paper")
     assert {e.group for e in experiment.models} == {"table2", "table3", "fig3", "fig4", "noise", "audit"}
@@ -404,3 +405,37 @@ def test_per_lr_halving_keeps_each_learning_rates_best_where_plain_halving_keeps
     one = SearchSettings(method="halving", survivors=1)
     assert promote(POINTS, scores, one) == [(1e-3, 1e-2), (1e-2, 1e-4), (3e-2, 1e-4)]
     assert promote(POINTS, scores, dataclasses.replace(one, per_lr=False)) == [(3e-2, 1e-4), (3e-2, 1e-2)]
+
+
+def test_the_tsne_figure_s_sources_keep_their_embeddings_before_the_selection_is_known():
+    """Figure 4 reuses Table 2's selected GAT and GRCN runs; which point is selected is known only once every
+    survivor has run, so every finished run of those studies keeps its embeddings (rungs never do)."""
+    from grcn_bench.benchmarks.search import keeps_embeddings
+
+    experiment = load_experiment("paper")
+    grcn_tiktok = Cell("grcn", "synthetic:tiktok", TrainSettings(), label="GRCN", group="table2")
+    assert keeps_embeddings(experiment, grcn_tiktok)
+    assert not keeps_embeddings(experiment, grcn_tiktok.with_settings(seed=1))  # the figure draws the first seed
+    assert keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, group="fig4").with_settings(seed=1))
+    assert not keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, final=False))
+    assert not keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, dataset="synthetic:kwai"))
+    assert not keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, label="NGCF", model="ngcf"))
+    assert keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, label="GAT", model="gat"))
+
+
+def test_unselected_runs_of_the_tsne_sources_lose_their_embeddings(tmp_path):
+    import numpy as np
+
+    from grcn_bench.benchmarks.search import drop_unselected_embeddings
+
+    experiment = dataclasses.replace(
+        reuse_experiment(), models=(ModelEntry("mf", "BPR-MF"),
+                                    ModelEntry("mf", "BPR-MF", group="fig4", tuned_from="BPR-MF")))
+    store = ResultStore(tmp_path)
+    for cell in plan_experiment(experiment, store).pending:
+        store.write(cell.cell_id, fake_result(cell, 0.2 if cell.settings.lr == LRS[1] else 0.1),
+                    {"test_users": np.arange(3), "user_embedding": np.ones((2, 2)), "item_embedding": np.ones((2, 2))})
+    plan = plan_experiment(experiment, store)
+    drop_unselected_embeddings(experiment, store, plan)
+    kept = {c.settings.lr: sorted(store.read_arrays(c.cell_id)) for c in plan.studies[0].finals}
+    assert kept == {LRS[0]: ["test_users"], LRS[1]: ["item_embedding", "test_users", "user_embedding"]}
