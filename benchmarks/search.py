@@ -313,6 +313,25 @@ def drop_unselected_embeddings(experiment: Experiment, store: ResultStore, plan:
                 store.drop_arrays(cell.cell_id, EMBEDDINGS)
 
 
+def _current_digest(spec: str) -> str:
+    from .runner import cached_dataset
+
+    return str(cached_dataset(spec).card.digest())
+
+
+class StaleResultsError(ValueError):
+    """Stored results were trained on other data than their dataset spec now gives."""
+
+    def __init__(self, store: ResultStore, stale: Mapping[str, tuple[str, str, str]]):
+        examples = sorted(stale)[:3]
+        spec, stored, now = stale[examples[0]]
+        super().__init__(
+            f"{store.root}: {len(stale)} stored cell(s) were trained on other data than their dataset has now "
+            f"({spec}: digest {stored} then, {now} now), e.g. {', '.join(examples)}; nothing was reused or run. "
+            "Rerun with --force to retrain them, or point --out elsewhere.")
+        self.cells = dict(stale)
+
+
 def run_search(
     experiment: Experiment,
     store: ResultStore,
@@ -321,6 +340,7 @@ def run_search(
     force: bool = False,
     retry_failed: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
+    data_digest: Callable[[str], str] | None = None,
 ) -> tuple[Plan, list[dict[str, Any]]]:
     """Run ``experiment``'s search round by round until every study and reused entry is done.
 
@@ -330,22 +350,39 @@ def run_search(
         force: rerun every cell the search needs, once in this call.
         retry_failed: rerun the cells stored as failed, once in this call.
         on_plan: called with the plan before every round and at the end (the CLI writes ``experiment.json``).
+        data_digest: the current digest of a dataset spec (default: its dataset card's, loaded once per process).
+            A stored result whose dataset digest differs is never reused: :class:`StaleResultsError` names it.
 
     Returns:
         The final plan and the results of every cell that ran.
     """
+    data_digest = data_digest or _current_digest
+    digests: dict[str, str] = {}
     ran: set[str] = set()
+    stale: dict[str, tuple[str, str, str]] = {}  # cell id -> (dataset, stored digest, current digest)
 
     def finished(cell_id: str) -> bool:
         if cell_id in ran:
             return True
         if not store.has(cell_id) or force:
             return False
-        return not (retry_failed and store.status(cell_id) == "failed")
+        result = store.read(cell_id)
+        if retry_failed and result.get("status") == "failed":
+            return False
+        stored = (result.get("dataset_card") or {}).get("digest")
+        spec = (result.get("cell") or {}).get("dataset")
+        if stored and spec:
+            if spec not in digests:  # once per spec and call: loading a dataset can take seconds
+                digests[spec] = data_digest(spec)
+            if stored != digests[spec]:
+                stale[cell_id] = (spec, stored, digests[spec])
+        return True
 
     results: list[dict[str, Any]] = []
     while True:
         plan = plan_experiment(experiment, store, finished)
+        if stale:
+            raise StaleResultsError(store, stale)
         drop_unselected_embeddings(experiment, store, plan)
         if on_plan is not None:
             on_plan(plan)

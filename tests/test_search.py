@@ -439,3 +439,32 @@ def test_unselected_runs_of_the_tsne_sources_lose_their_embeddings(tmp_path):
     drop_unselected_embeddings(experiment, store, plan)
     kept = {c.settings.lr: sorted(store.read_arrays(c.cell_id)) for c in plan.studies[0].finals}
     assert kept == {LRS[0]: ["test_users"], LRS[1]: ["item_embedding", "test_users", "user_embedding"]}
+
+
+def test_results_of_other_data_are_never_reused_silently(tmp_path):
+    """A stored cell whose dataset digest differs from the data's digest now stops the run before anything runs,
+    naming the cells and the way on; --force retrains them."""
+    from grcn_bench.benchmarks.search import StaleResultsError
+
+    experiment = Experiment("t", (ModelEntry("mf", "BPR-MF"),), ("synthetic:tiny",), lr=LRS[:2], reg=REGS[:1])
+    store = ResultStore(tmp_path)
+    cells = plan_experiment(experiment, store).pending
+    for cell in cells:
+        store.write(cell.cell_id, {**fake_result(cell, 0.1), "dataset_card": {"digest": "old"}})
+    ran = []
+
+    def run_round(todo, keep):
+        ran.extend(todo)
+        for cell in todo:
+            store.write(cell.cell_id, {**fake_result(cell, 0.1), "dataset_card": {"digest": "new"}})
+        return []
+
+    with pytest.raises(StaleResultsError, match=r"2 stored cell\(s\) were trained on other data .*digest old then, "
+                                                 r"new now.*--force"):
+        run_search(experiment, store, run_round, data_digest=lambda spec: "new")
+    assert not ran
+    run_search(experiment, store, run_round, data_digest=lambda spec: "old")  # the same data: reused
+    assert not ran
+    plan, _ = run_search(experiment, store, run_round, force=True, data_digest=lambda spec: "new")
+    assert plan.done and sorted(c.cell_id for c in ran) == sorted(c.cell_id for c in cells)
+    run_search(experiment, store, run_round, data_digest=lambda spec: "new")  # retrained: no complaint
