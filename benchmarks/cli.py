@@ -9,9 +9,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import Cell, Experiment, SearchSettings
@@ -34,6 +35,34 @@ def _parse_memory(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (examples: 1G, 512M, 1073741824)") from None
 
 
+def _number(*, positive: bool) -> Callable[[str], float]:
+    """An argparse type for a finite float, > 0 (``positive``) or >= 0: ``--lr nan`` is refused up front."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
+        return value
+
+    return parse
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grcn-bench",
@@ -52,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "when --models and --datasets are given")
     run.add_argument("--models", nargs="+", help="model names or preset labels (default: the experiment's)")
     run.add_argument("--datasets", nargs="+", help="dataset specs: synthetic:<preset>[?k=v&...] or a directory")
-    run.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the experiment's)")
-    run.add_argument("--lr", nargs="+", type=float, help="learning rates of the grid")
-    run.add_argument("--reg", nargs="+", type=float, help="λ values of the grid (weight of the ego-L2 term)")
-    run.add_argument("--max-epochs", type=int, help="upper bound on epochs (default 1000)")
-    run.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 20)")
-    run.add_argument("--batch-size", type=int, help="triplets per batch (default 1024)")
+    run.add_argument("--seeds", nargs="+", type=_at_least(0), help="seeds (default: the experiment's)")
+    run.add_argument("--lr", nargs="+", type=_number(positive=True), help="learning rates of the grid")
+    run.add_argument("--reg", nargs="+", type=_number(positive=False),
+                     help="λ values of the grid (weight of the ego-L2 term)")
+    run.add_argument("--max-epochs", type=_at_least(1), help="upper bound on epochs (default 1000)")
+    run.add_argument("--patience", type=_at_least(1), help="early-stopping patience in epochs (default 20)")
+    run.add_argument("--batch-size", type=_at_least(1), help="triplets per batch (default 1024)")
     run.add_argument("--protocol", choices=["standard", "official-grcn"],
                      help="evaluation protocol: standard, or the released code's (audit only; docs/protocol.md)")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
@@ -75,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--search", choices=["grid", "halving"],
                      help="grid: every lr x λ point trained to early stopping; halving: successive halving on "
                           "validation Recall@10 (default: the experiment's, else grid)")
-    run.add_argument("--selection-seeds", type=int, metavar="N",
+    run.add_argument("--selection-seeds", type=_at_least(1), metavar="N",
                      help="select on the mean of the first N seeds, then run the other seeds at the selected point "
                           "only (default: the experiment's, else every seed selects)")
-    run.add_argument("--min-epochs", type=int, help="halving: epochs of the first rung (default 10)")
-    run.add_argument("--eta", type=int, help="halving: keep the best 1/eta points at each rung (default 3)")
-    run.add_argument("--survivors", type=int, help="halving: points (per lr) trained to early stopping (default 2)")
+    run.add_argument("--min-epochs", type=_at_least(1), help="halving: epochs of the first rung (default 10)")
+    run.add_argument("--eta", type=_at_least(2), help="halving: keep the best 1/eta points at each rung (default 3)")
+    run.add_argument("--survivors", type=_at_least(1),
+                     help="halving: points (per lr) trained to early stopping (default 2)")
     run.add_argument("--per-lr", action=argparse.BooleanOptionalAction, default=None,
                      help="halving: halve within each learning rate, so that learning rates are compared at "
                           "convergence (default); --no-per-lr halves across all points")

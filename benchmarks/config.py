@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .schema import check_experiment
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -302,22 +304,12 @@ class Experiment:
         return dataclasses.replace(self, **changes)
 
 
-def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
-    """Build an :class:`Experiment` from parsed TOML, with clear errors for missing or unknown keys."""
-    known = {"name", "description", "models", "datasets", "seeds", "lr", "reg", "train", "report", "search"}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"experiment {name!r}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-    if not data.get("models"):
-        raise ValueError(f"experiment {name!r}: needs at least one [[models]] entry")
-    if not data.get("datasets"):
-        raise ValueError(f"experiment {name!r}: needs a non-empty 'datasets' list")
+def experiment_from_dict(data: Mapping[str, Any], *, name: str, where: str | None = None) -> Experiment:
+    """Build an :class:`Experiment` from parsed TOML, after checking it against the schema (:mod:`.schema`): an
+    unknown key or a wrong type is one line naming ``where`` (the file), the key and what it expects."""
+    check_experiment(data, where=where or f"experiment {name!r}")
     entries = []
     for raw in data["models"]:
-        allowed = {"name", "label", "options", "sweep", "datasets", "group", "train", "tuned_from"}
-        if set(raw) - allowed or "name" not in raw:
-            raise ValueError(f"experiment {name!r}: a [[models]] entry needs 'name' and allows only "
-                             f"{sorted(allowed - {'name'})}; got {sorted(raw)}")
         entries.append(
             ModelEntry(
                 name=raw["name"],
@@ -331,10 +323,6 @@ def experiment_from_dict(data: Mapping[str, Any], *, name: str) -> Experiment:
             )
         )
     search = data.get("search", {})
-    search_keys = {f.name for f in dataclasses.fields(SearchSettings)}
-    if not isinstance(search, Mapping) or set(search) - search_keys:
-        raise ValueError(f"experiment {name!r}: [search] allows only {sorted(search_keys)}; got "
-                         f"{sorted(search) if isinstance(search, Mapping) else type(search).__name__}")
     return Experiment(
         name=data.get("name", name),
         description=data.get("description", ""),
@@ -361,14 +349,14 @@ def load_experiment(name_or_path: str) -> Experiment:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"experiment file {path} does not exist")
-        text, name = path.read_text(), path.stem
+        text, name, where = path.read_text(), path.stem, f"experiment file {path}"
     else:
         resource = resources.files("grcn_bench.benchmarks") / "experiments" / f"{name_or_path}.toml"
         if not resource.is_file():
             raise KeyError(f"unknown experiment {name_or_path!r}; presets: {', '.join(available_experiments())}")
-        text, name = resource.read_text(), name_or_path
+        text, name, where = resource.read_text(), name_or_path, f"experiment preset {name_or_path!r}"
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"experiment {name!r}: invalid TOML: {err}") from err
-    return experiment_from_dict(data, name=name)
+        raise ValueError(f"{where}: invalid TOML: {err}") from err
+    return experiment_from_dict(data, name=name, where=where)

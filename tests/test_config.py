@@ -97,9 +97,9 @@ def test_every_shipped_preset_loads_and_expands():
 
 @pytest.mark.parametrize(
     "data, message",
-    [({"datasets": ["a"]}, "models"), ({"models": [{"name": "mf"}]}, "datasets"),
-     ({"models": [{"name": "mf"}], "datasets": ["a"], "sedes": [1]}, "unknown keys"),
-     ({"models": [{"label": "x"}], "datasets": ["a"]}, "needs 'name'")],
+    [({"datasets": ["a"]}, "models is required"), ({"models": [{"name": "mf"}]}, "datasets is required"),
+     ({"models": [{"name": "mf"}], "datasets": ["a"], "sedes": [1]}, "unknown key 'sedes'"),
+     ({"models": [{"label": "x"}], "datasets": ["a"]}, r"models\[0\]\.name is required")],
 )
 def test_malformed_experiments_say_what_is_wrong(data, message):
     with pytest.raises(ValueError, match=message):
