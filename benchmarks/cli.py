@@ -277,9 +277,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{r['status']}: {r['cell_id']}: {r.get('error') or r.get('stop_reason')}", file=sys.stderr)
     print(f"ran {len(results)} cells ({len(failed)} not ok); {len(store.cell_ids())} stored in {out}",
           file=sys.stderr)
+    # A failed cell (an exception, not a diverged loss) is stored so that the grid goes on; it is never passed over
+    # in silence, whether it failed now or in an earlier run whose result this one reused.
+    ran_now = {r["cell_id"] for r in results}
+    stored_failed = sorted({c.cell_id for c in [*plan.requested(), *plan.rung_cells()]
+                            if store.status(c.cell_id) == "failed"})
+    earlier = [cell_id for cell_id in stored_failed if cell_id not in ran_now]
+    if earlier:
+        print(f"{len(earlier)} cell(s) stored as failed by an earlier run were reused: {', '.join(earlier[:3])}"
+              f"{' ...' if len(earlier) > 3 else ''}", file=sys.stderr)
+    code = 0
+    if stored_failed:
+        print(f"error: {len(stored_failed)} cell(s) failed; their tracebacks are in {store.cells_dir}/<cell>.json. "
+              "Fix the cause, then rerun with --retry-failed", file=sys.stderr)
+        code = 1
     if not args.no_report:
-        return cmd_report(out)
-    return 0
+        return cmd_report(out) or code
+    return code
 
 
 def manifest(experiment: Experiment, plan: Plan) -> dict:

@@ -222,8 +222,27 @@ def _process_slots(device: str, devices: Sequence[str] | None, workers: int | No
     return slots[:cells]  # no idle workers
 
 
-def _worker_init(threads: int, plugins: tuple[str, ...]) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process die when ``parent_pid`` (the runner) does, even by SIGKILL: a worker left behind would
+    finish its cell with nobody to collect it, then block forever holding its memory.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``. The parent may have died before the call, so the parent is checked
+    afterwards too. Elsewhere this does nothing (the runner's normal exit still ends the pool).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _worker_init(threads: int, plugins: tuple[str, ...], parent_pid: int | None = None) -> None:
     """Runs once in each new worker process."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     keep_freed_memory()
     torch.set_num_threads(threads)
     load_plugins(plugins)
@@ -244,7 +263,7 @@ def _run_process(todo: list[Cell], store: ResultStore, keep: dict[str, bool], *,
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_worker_init,
-                                   initargs=(threads, plugins))
+                                   initargs=(threads, plugins, os.getpid()))
 
     # One single-process pool per slot: a worker's death breaks only its own pool, and never the cells of others.
     pools: list[ProcessPoolExecutor | None] = [None] * len(slots)

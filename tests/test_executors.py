@@ -294,6 +294,45 @@ def test_killing_the_runner_mid_grid_loses_nothing_and_a_rerun_skips_finished_ce
         assert outcome(store.read(cell_id)) == outcome(uninterrupted.read(cell_id)), cell_id
 
 
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out.update(int(child) for child in (task / "children").read_text().split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; only its parent (now init) has not reaped it yet
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_process_workers_die_with_a_killed_runner(tmp_path, plugin):
+    out = tmp_path / "orphans"
+    command = [sys.executable, str(REPO / "run_benchmarks.py"), "run", "--models", "exec_test_slow",
+               "--datasets", "synthetic:tiny", "--seeds", "0", "1", "--max-epochs", "2", "--lr", "0.01",
+               "--executor", "process", "--workers", "2", "--threads-per-worker", "1",
+               "--out", str(out), "--plugin", plugin, "--no-report", "--no-progress"]
+    runner = subprocess.Popen(command, env={**os.environ, "EXEC_TEST_SLEEP": "60"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    logs = ResultStore(out).logs_dir
+    deadline = time.monotonic() + 120
+    while runner.poll() is None and time.monotonic() < deadline and len(list(logs.glob("*.log"))) < 2:
+        time.sleep(0.1)  # both workers are inside a cell (each opened its log), sleeping in its first batch
+    workers = _children(runner.pid)
+    assert runner.poll() is None and len(list(logs.glob("*.log"))) == 2 and workers
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived their runner"
+
+
 # ------------------------------------------------------------------------------------- cheap paths, no workers
 
 

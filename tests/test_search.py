@@ -468,3 +468,39 @@ def test_results_of_other_data_are_never_reused_silently(tmp_path):
     plan, _ = run_search(experiment, store, run_round, force=True, data_digest=lambda spec: "new")
     assert plan.done and sorted(c.cell_id for c in ran) == sorted(c.cell_id for c in cells)
     run_search(experiment, store, run_round, data_digest=lambda spec: "new")  # retrained: no complaint
+
+
+PLUGIN = '''
+import os
+
+from grcn_bench.models import register_model
+from grcn_bench.models.mf import MF
+
+
+@register_model("status_test_raises")
+class RaisesWhenAsked(MF):
+    def forward(self, graph):
+        if os.environ.get("STATUS_TEST_RAISE"):
+            raise RuntimeError("planted failure")
+        return super().forward(graph)
+'''
+
+
+def test_run_exits_1_while_a_cell_is_stored_failed_and_says_so_when_reusing_it(tmp_path, monkeypatch, capsys):
+    from grcn_bench.models import unregister_model
+
+    plugin = tmp_path / "status_plugin.py"
+    plugin.write_text(PLUGIN)
+    argv = ["run", "--models", "status_test_raises", "--datasets", "synthetic:tiny", "--max-epochs", "2",
+            "--out", str(tmp_path / "out"), "--plugin", str(plugin), "--no-report", "--no-progress"]
+    try:
+        monkeypatch.setenv("STATUS_TEST_RAISE", "1")
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "RuntimeError: planted failure" in err and "1 cell(s) failed" in err and "--retry-failed" in err
+        assert cli.main(argv) == 1  # nothing reran: the stored failure is reused, and said so
+        assert "1 cell(s) stored as failed by an earlier run were reused" in capsys.readouterr().err
+        monkeypatch.delenv("STATUS_TEST_RAISE")
+        assert cli.main([*argv, "--retry-failed"]) == 0
+    finally:
+        unregister_model("status_test_raises")
