@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .base import MODALITIES, SPLITS, DatasetError, RecDataset
-from .safeio import load_npy, sha256_file
+from .safeio import load_npy, present, sha256_file
 from .split import split_per_user
 from .validate import canonical_pairs, validate
 
@@ -29,10 +29,10 @@ def find_inter_file(root: Path, name: str | None = None) -> Path:
     """The ``<name>.inter`` file of a directory (the only one, or the named one)."""
     if name is not None:
         file = root / f"{name}.inter"
-        if not file.is_file():
+        if not present(file):
             raise DatasetError(file, "missing required file", f"{name}.inter in {root}")
         return file
-    found = sorted(root.glob("*.inter"))
+    found = [file for file in sorted(root.glob("*.inter")) if present(file)]
     if not found:
         raise DatasetError(root / "<name>.inter", "missing required file", f"one *.inter file in {root}")
     if len(found) > 1:
@@ -90,7 +90,7 @@ def load_mmrec(
     sources = {key: str(inter) for key in SPLITS}
     for m in MODALITIES:
         file = root / FEATURE_FILES[m]
-        if file.is_file():
+        if present(file):  # absent: the dataset has no such modality; present but unreadable: an error
             features[m] = load_npy(file)
             sources[m] = str(file)
             read.append(file)

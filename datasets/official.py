@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .base import MODALITIES, DatasetError, RecDataset
-from .safeio import load_npy, load_pt, sha256_file
+from .safeio import load_npy, load_pt, present, sha256_file
 from .split import split_per_user
 from .validate import canonical_pairs, check_pairs, validate
 
@@ -91,12 +91,12 @@ def dict_to_pairs(value: np.ndarray, where: str) -> np.ndarray:
 def _find_features(root: Path) -> dict[str, Path]:
     found = {}
     for m, names in FEATURE_FILES.items():
-        present = [root / name for name in names if (root / name).is_file()]
-        if len(present) > 1:
-            raise DatasetError(present[1], f"second feature file for modality {m} (also {present[0].name})",
+        files = [root / name for name in names if present(root / name)]
+        if len(files) > 1:
+            raise DatasetError(files[1], f"second feature file for modality {m} (also {files[0].name})",
                                "one file per modality")
-        if present:
-            found[m] = present[0]
+        if files:
+            found[m] = files[0]
     return found
 
 
@@ -134,10 +134,10 @@ def load_official(
     if not root.is_dir():
         raise DatasetError(root, "not a directory", "a dataset directory in the official format")
     read: list[Path] = []
-    train_file = next((root / name for name in TRAIN_FILES if (root / name).is_file()), None)
+    train_file = next((root / name for name in TRAIN_FILES if present(root / name)), None)
     if train_file is None:
         raise DatasetError(root / TRAIN_FILES[0], "missing required file", f"{' or '.join(TRAIN_FILES)} in {root}")
-    held_present = {key: (root / name).is_file() for key, name in HELD_OUT_FILES.items()}
+    held_present = {key: present(root / name) for key, name in HELD_OUT_FILES.items()}
     if any(held_present.values()) and not all(held_present.values()):
         missing = next(key for key, present in held_present.items() if not present)
         raise DatasetError(root / HELD_OUT_FILES[missing], "missing required file",
@@ -185,7 +185,7 @@ def load_official(
         items = max(item_ids) + 1
 
     for name in ("user_item_dict.npy", "user_item_train_dict.npy"):
-        if (root / name).is_file() and root / name != train_file:
+        if present(root / name) and root / name != train_file:
             _check_redundant_dict(root / name, raw["train"], users, items, shift)
             read.append(root / name)
 

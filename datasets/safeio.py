@@ -13,7 +13,9 @@ import builtins
 import codecs
 import hashlib
 import io
+import os
 import pickle
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,7 +31,31 @@ try:  # numpy >= 2 keeps the implementation under numpy._core; numpy.core is a d
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _multiarray
 
-__all__ = ["RestrictedUnpickler", "load_npy", "load_pt", "restricted_unpickle", "sha256_file"]
+__all__ = ["RestrictedUnpickler", "load_npy", "load_pt", "present", "restricted_unpickle", "sha256_file"]
+
+
+def present(path: str | Path) -> bool:
+    """Whether a dataset file is there: ``False`` when nothing has that name, ``True`` for a regular file (symbolic
+    links followed). Anything else that has the name is refused, naming the path, rather than skipped: a dangling
+    or looping link, a directory, a FIFO (reading one would wait forever), a socket or a device."""
+    path = Path(path)
+    if not path.is_symlink() and not path.exists():
+        return False
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        raise DatasetError(path, "a symbolic link that loops", "a regular file") from None
+    except FileNotFoundError:
+        raise DatasetError(path, f"a symbolic link to a missing file ({os.readlink(path)})", "a regular file") from None
+    except OSError as err:  # ELOOP on newer Pythons, or permissions
+        raise DatasetError(path, f"cannot be resolved ({err.strerror})", "a regular file") from None
+    mode = target.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise DatasetError(path, f"{kind}, not a regular file", "a regular file")
+    return True
 
 _BUILTINS = ("set", "frozenset", "list", "dict", "int", "tuple")
 

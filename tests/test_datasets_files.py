@@ -1,0 +1,71 @@
+"""Dataset files must be regular files, symbolic links followed: a dangling or looping link, a directory, or a FIFO
+where a dataset file belongs is an error naming the path, never a silently missing modality or a hung loader."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from grcn_bench.datasets import generate_synthetic, load_dataset, write_mmrec, write_official
+from grcn_bench.datasets.base import DatasetError
+from grcn_bench.datasets.safeio import present
+
+
+@pytest.fixture
+def hang_guard():
+    """Fail instead of waiting forever if a loader opens a FIFO (the bug this file guards against)."""
+    def timeout(signum, frame):
+        raise TimeoutError("the loader blocked (did it open a FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_present_tells_absent_from_regular_and_refuses_the_rest(tmp_path):
+    regular = tmp_path / "a.npy"
+    regular.write_bytes(b"x")
+    (tmp_path / "link").symlink_to(regular)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.npy")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    assert present(regular) and present(tmp_path / "link") and not present(tmp_path / "nothing")
+    for name, problem in (("dangling", "a symbolic link to a missing file"), ("loop", "loop"),
+                          ("dir", "a directory, not a regular file"), ("fifo", "a FIFO, not a regular file")):
+        with pytest.raises(DatasetError, match=problem) as caught:
+            present(tmp_path / name)
+        assert str(caught.value).startswith(str(tmp_path / name))
+
+
+@pytest.mark.usefixtures("hang_guard")
+def test_a_fifo_named_inter_is_refused_not_read(tmp_path):
+    write_mmrec(generate_synthetic("tiny"), tmp_path, "synth")
+    (tmp_path / "synth.inter").unlink()
+    os.mkfifo(tmp_path / "synth.inter")
+    with pytest.raises(DatasetError, match=r"synth\.inter: a FIFO, not a regular file"):
+        load_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("writer", ["mmrec", "official"])
+def test_a_broken_feature_file_is_an_error_not_a_missing_modality(tmp_path, writer):
+    data = generate_synthetic("tiny")
+    if writer == "mmrec":
+        write_mmrec(data, tmp_path, "synth")
+    else:
+        write_official(data, tmp_path)
+    features = sorted(p for p in tmp_path.iterdir() if "feat" in p.name.lower())
+    assert features, "the writer stored no feature file"
+    victim = features[0]
+    victim.unlink()
+    victim.symlink_to(tmp_path / "moved-away.npy")
+    with pytest.raises(DatasetError, match=rf"{victim.name}: a symbolic link to a missing file"):
+        load_dataset(str(tmp_path))
+    victim.unlink()
+    victim.symlink_to(victim)
+    with pytest.raises(DatasetError, match=rf"{victim.name}: a symbolic link that loops|{victim.name}: cannot be"):
+        load_dataset(str(tmp_path))
