@@ -42,8 +42,18 @@ TRAIN_FILES = ("train.npy", "user_item_train_dict.npy")
 HELD_OUT_FILES = {"val": "val_full.npy", "test": "test_full.npy"}
 
 
-def rows_to_pairs(rows: np.ndarray, where: str) -> np.ndarray:
-    """``[n, 2]`` pairs from per-user rows ``[user, item, ...]`` (an object array of lists, or a 2-D int array)."""
+def check_expansion(total: int, where: str, max_ids: int | None) -> None:
+    """Refuse a pickle that expands to more ids than its file has bytes. A pickle spells every int out (at least
+    two bytes each), but a shared reference to a list costs two bytes however long the list: without the bound an
+    80 kB file could expand to 4e8 ids and all of the host's memory."""
+    if max_ids is not None and total > max_ids:
+        raise DatasetError(where, f"expands to {total:,} ids from {max_ids:,} bytes (shared references?)",
+                           "at most one id per byte of the file")
+
+
+def rows_to_pairs(rows: np.ndarray, where: str, max_ids: int | None = None) -> np.ndarray:
+    """``[n, 2]`` pairs from per-user rows ``[user, item, ...]`` (an object array of lists, or a 2-D int array).
+    ``max_ids``: the most ids the rows may hold in all (:func:`check_expansion`)."""
     if rows.dtype.kind in "iu" and rows.ndim == 2:
         rows = list(rows)
     elif rows.dtype.hasobject and rows.ndim == 1:
@@ -56,6 +66,7 @@ def rows_to_pairs(rows: np.ndarray, where: str) -> np.ndarray:
     except TypeError:
         bad = next(k for k, row in enumerate(rows) if not hasattr(row, "__len__"))
         raise DatasetError(where, f"row {bad} is a {type(rows[bad]).__name__}", "[user, item, ...] lists") from None
+    check_expansion(int(lengths.sum()), where, max_ids)
     flat = np.asarray(list(chain.from_iterable(rows)))
     if flat.size and flat.dtype.kind not in "iu":
         raise DatasetError(where, f"ids of type {flat.dtype} in the rows", "integer user and item ids")
@@ -68,8 +79,9 @@ def rows_to_pairs(rows: np.ndarray, where: str) -> np.ndarray:
     return np.stack([users, flat[~is_user]], axis=1)
 
 
-def dict_to_pairs(value: np.ndarray, where: str) -> np.ndarray:
-    """``[n, 2]`` pairs from a pickled ``{user: set(items)}`` (a 0-d object array, as ``np.save`` writes a dict)."""
+def dict_to_pairs(value: np.ndarray, where: str, max_ids: int | None = None) -> np.ndarray:
+    """``[n, 2]`` pairs from a pickled ``{user: set(items)}`` (a 0-d object array, as ``np.save`` writes a dict).
+    ``max_ids``: the most ids it may hold in all (:func:`check_expansion`)."""
     mapping = value.item() if value.dtype.hasobject and value.shape == () else value
     if not isinstance(mapping, dict):
         raise DatasetError(where, f"holds a {type(mapping).__name__}", "a dict {user: set(items)}")
@@ -77,6 +89,7 @@ def dict_to_pairs(value: np.ndarray, where: str) -> np.ndarray:
         lengths = np.fromiter(map(len, mapping.values()), dtype=np.int64, count=len(mapping))
     except TypeError:
         raise DatasetError(where, "a value is not a collection of items", "a dict {user: set(items)}") from None
+    check_expansion(int(lengths.sum()) + len(mapping), where, max_ids)
     users = np.asarray(list(mapping.keys()))
     items = np.asarray(list(chain.from_iterable(mapping.values())))
     for label, ids in (("user", users), ("item", items)):
@@ -148,11 +161,12 @@ def load_official(
     train_value = load_npy(train_file)
     read.append(train_file)
     raw["train"] = (check_pairs(train_value, str(train_file)) if train_file.name == "train.npy"
-                    else dict_to_pairs(train_value, str(train_file)))
+                    else dict_to_pairs(train_value, str(train_file), train_file.stat().st_size))
     if all(held_present.values()):
         for key, name in HELD_OUT_FILES.items():
             sources[key] = str(root / name)
-            raw[key] = check_pairs(rows_to_pairs(load_npy(root / name), sources[key]), sources[key])
+            rows = load_npy(root / name)
+            raw[key] = check_pairs(rows_to_pairs(rows, sources[key], (root / name).stat().st_size), sources[key])
             read.append(root / name)
 
     all_pairs = np.concatenate(list(raw.values()))
@@ -217,7 +231,7 @@ def load_official(
 
 
 def _check_redundant_dict(file: Path, train: np.ndarray, num_users: int, num_items: int, shift: int) -> None:
-    pairs = dict_to_pairs(load_npy(file), str(file))
+    pairs = dict_to_pairs(load_npy(file), str(file), file.stat().st_size)
     if pairs.size and shift and pairs[:, 1].min() >= shift:
         pairs = pairs - np.array([0, shift])
     if pairs.size and (pairs.min() < 0 or pairs[:, 0].max() >= num_users or pairs[:, 1].max() >= num_items):

@@ -69,3 +69,27 @@ def test_a_broken_feature_file_is_an_error_not_a_missing_modality(tmp_path, writ
     victim.symlink_to(victim)
     with pytest.raises(DatasetError, match=rf"{victim.name}: a symbolic link that loops|{victim.name}: cannot be"):
         load_dataset(str(tmp_path))
+
+
+def test_a_pickle_of_shared_references_is_refused_before_it_expands(tmp_path):
+    """An 80 kB val_full.npy whose rows all reference one long list would expand to hundreds of millions of ids."""
+    import numpy as np
+
+    from grcn_bench.datasets.official import check_expansion, rows_to_pairs
+
+    data = generate_synthetic("tiny")
+    write_official(data, tmp_path)
+    shared = [0, *range(1, 20_000)]
+    rows = np.empty(2_000, dtype=object)
+    rows[:] = [shared] * 2_000  # 40 million ids, one list in memory
+    np.save(tmp_path / "val_full.npy", rows, allow_pickle=True)
+    size = (tmp_path / "val_full.npy").stat().st_size
+    assert size < 200_000
+    with pytest.raises(DatasetError, match=r"val_full\.npy: expands to 40,000,000 ids from [\d,]+ bytes"):
+        load_dataset(str(tmp_path))
+    check_expansion(size, "x", size)  # at the bound: accepted
+    honest = np.empty(2, dtype=object)
+    honest[:] = [[0, 1, 2], [1, 3]]
+    assert rows_to_pairs(honest, "x", max_ids=5).tolist() == [[0, 1], [0, 2], [1, 3]]
+    with pytest.raises(DatasetError, match="expands to 5 ids from 4 bytes"):
+        rows_to_pairs(honest, "x", max_ids=4)
