@@ -17,7 +17,7 @@ import pandas as pd
 from .base import MODALITIES, SPLITS, DatasetError, RecDataset
 from .safeio import load_npy, present, sha256_file
 from .split import split_per_user
-from .validate import canonical_pairs, validate
+from .validate import MAX_ID, canonical_pairs, validate
 
 __all__ = ["FEATURE_FILES", "find_inter_file", "load_mmrec", "write_mmrec"]
 
@@ -97,6 +97,9 @@ def load_mmrec(
     if pairs.size and pairs.min() < 0:
         row = int(np.argmax((pairs < 0).any(axis=1)))
         raise DatasetError(inter, f"negative id in data row {row + 1}: {pairs[row].tolist()}", "ids >= 0")
+    if pairs.size and pairs.max() > MAX_ID:
+        row = int(np.argmax((pairs > MAX_ID).any(axis=1)))
+        raise DatasetError(inter, f"id too large in data row {row + 1}: {pairs[row].tolist()}", f"ids in 0..{MAX_ID}")
     users = num_users if num_users is not None else int(pairs[:, 0].max(initial=-1)) + 1
     rows = [int(x.shape[0]) for x in features.values() if getattr(x, "ndim", 0) >= 1]
     items = num_items if num_items is not None else max([int(pairs[:, 1].max(initial=-1)) + 1, *rows])

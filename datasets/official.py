@@ -160,8 +160,9 @@ def load_official(
     sources = {"train": str(train_file)}
     train_value = load_npy(train_file)
     read.append(train_file)
-    raw["train"] = (check_pairs(train_value, str(train_file)) if train_file.name == "train.npy"
-                    else dict_to_pairs(train_value, str(train_file), train_file.stat().st_size))
+    raw["train"] = check_pairs(train_value if train_file.name == "train.npy"
+                               else dict_to_pairs(train_value, str(train_file), train_file.stat().st_size),
+                               str(train_file))
     if all(held_present.values()):
         for key, name in HELD_OUT_FILES.items():
             sources[key] = str(root / name)

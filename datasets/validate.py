@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .base import MODALITIES, SPLITS, DatasetCard, DatasetError, RecDataset, WordBags
 
-__all__ = ["WORD_EMBEDDING_DIM", "canonical_pairs", "validate"]
+__all__ = ["MAX_ID", "WORD_EMBEDDING_DIM", "canonical_pairs", "validate"]
 
 #: Width of the learned word-embedding table that word-id text is averaged through (docs/protocol.md, "Word-id text").
 WORD_EMBEDDING_DIM = 64
@@ -30,17 +30,28 @@ def _as_numpy(value: np.ndarray | Tensor) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
 
 
+#: The largest user or item id accepted. Ids index int32 tables, and (user, item) pair keys ``user * items + item``
+#: must not overflow int64: ids near 2**62 gave wrong users or false duplicates once multiplied.
+MAX_ID = 2**31 - 1
+
+
 def check_pairs(pairs: np.ndarray | Tensor, where: str) -> np.ndarray:
-    """An integer ``[n, 2]`` array of non-negative ids, as int64."""
+    """An integer ``[n, 2]`` array of ids in ``0..MAX_ID``, as int64 (checked before any arithmetic on them)."""
     array = _as_numpy(pairs)
     if array.dtype.kind not in "iu":
         raise DatasetError(where, f"interaction ids have dtype {array.dtype}", "integer user and item ids")
     if array.ndim != 2 or array.shape[1] != 2:
         raise DatasetError(where, f"interaction pairs have shape {array.shape}", "[n, 2] rows of (user, item)")
+    if array.dtype.kind == "u" and array.size and int(array.max()) > MAX_ID:  # before a cast could wrap it
+        row = int(np.argmax((array > MAX_ID).any(axis=1)))
+        raise DatasetError(where, f"id too large in pair {row}: {array[row].tolist()}", f"ids in 0..{MAX_ID}")
     array = array.astype(np.int64, copy=False)
     if array.size and array.min() < 0:
         row = int(np.argmax((array < 0).any(axis=1)))
         raise DatasetError(where, f"negative id in pair {row}: {array[row].tolist()}", "ids >= 0")
+    if array.size and array.max() > MAX_ID:
+        row = int(np.argmax((array > MAX_ID).any(axis=1)))
+        raise DatasetError(where, f"id too large in pair {row}: {array[row].tolist()}", f"ids in 0..{MAX_ID}")
     return array
 
 

@@ -93,3 +93,19 @@ def test_a_pickle_of_shared_references_is_refused_before_it_expands(tmp_path):
     assert rows_to_pairs(honest, "x", max_ids=5).tolist() == [[0, 1], [0, 2], [1, 3]]
     with pytest.raises(DatasetError, match="expands to 5 ids from 4 bytes"):
         rows_to_pairs(honest, "x", max_ids=4)
+
+
+@pytest.mark.parametrize("big", [2**62, 2**31])
+def test_ids_beyond_the_int32_range_are_refused_before_any_arithmetic(tmp_path, big):
+    import numpy as np
+    import pandas as pd
+
+    rows = pd.DataFrame({"userID": [0, 1, big, 2], "itemID": [1, 0, 2, 2], "x_label": [0, 0, 0, 0]})
+    rows.to_csv(tmp_path / "big.inter", sep="\t", index=False)
+    with pytest.raises(DatasetError, match=rf"big\.inter: id too large in data row 3: \[{big}, 2\]"):
+        load_dataset(str(tmp_path))
+    from grcn_bench.datasets.validate import check_pairs
+
+    with pytest.raises(DatasetError, match=r"x: id too large in pair 1"):
+        check_pairs(np.array([[0, 1], [big, 0]], dtype=np.uint64), "x")
+    assert check_pairs(np.array([[0, 2**31 - 1]]), "x").tolist() == [[0, 2**31 - 1]]
