@@ -148,12 +148,23 @@ def load_pt(path: str | Path) -> Tensor:
     if not path.is_file():
         raise DatasetError(path, "missing file", "an existing .pt file")
     try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        # A sparse tensor's indices are checked against its shape as it loads: unchecked, an out-of-range index in
+        # an untrusted file would write out of bounds when it is made dense.
+        with torch.sparse.check_sparse_tensor_invariants():
+            value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DatasetError(path, f"refused or unreadable by torch.load(weights_only=True): {first_line}") from None
     if not isinstance(value, Tensor):
         raise DatasetError(path, f"holds a {type(value).__name__}", "a single tensor")
+    if value.is_complex() or value.dtype == torch.bool or value.is_quantized:
+        raise DatasetError(path, f"holds a tensor of dtype {value.dtype}", "real features or integer word ids")
+    if value.layout != torch.strided:  # sparse (COO, CSR, ...): the loaders read dense rows
+        dense_bytes = value.numel() * value.element_size()
+        if dense_bytes > max(64 * path.stat().st_size, 1 << 28):
+            raise DatasetError(path, f"a {value.layout} tensor of shape {tuple(value.shape)} would take "
+                                     f"{dense_bytes:,} bytes dense", "a dense tensor, or a sparse one that fits")
+        value = value.to_dense()
     return value
 
 

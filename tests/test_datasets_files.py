@@ -109,3 +109,44 @@ def test_ids_beyond_the_int32_range_are_refused_before_any_arithmetic(tmp_path, 
     with pytest.raises(DatasetError, match=r"x: id too large in pair 1"):
         check_pairs(np.array([[0, 1], [big, 0]], dtype=np.uint64), "x")
     assert check_pairs(np.array([[0, 2**31 - 1]]), "x").tolist() == [[0, 2**31 - 1]]
+
+
+def test_odd_tensors_in_pt_files_are_converted_or_refused_clearly(tmp_path):
+    import warnings
+
+    import torch
+
+    from grcn_bench.datasets.safeio import load_pt
+
+    dense = torch.tensor([[0.0, 1.5], [2.0, 0.0]])
+    torch.save(dense.to_sparse(), tmp_path / "coo.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
+        torch.save(dense.to_sparse_csr(), tmp_path / "csr.pt")
+    for name in ("coo.pt", "csr.pt"):
+        assert torch.equal(load_pt(tmp_path / name), dense)
+    torch.save(torch.zeros(2, 2, dtype=torch.complex64), tmp_path / "complex.pt")
+    with pytest.raises(DatasetError, match=r"complex\.pt: holds a tensor of dtype torch\.complex64"):
+        load_pt(tmp_path / "complex.pt")
+    huge = torch.sparse_coo_tensor(torch.tensor([[0], [0]]), torch.tensor([1.0]), (1 << 20, 1 << 10),
+                                   check_invariants=True)
+    torch.save(huge, tmp_path / "huge.pt")
+    with pytest.raises(DatasetError, match=r"huge\.pt: a torch\.sparse_coo tensor of shape \(1048576, 1024\) would "
+                                           r"take 4,294,967,296 bytes dense"):
+        load_pt(tmp_path / "huge.pt")
+
+
+def test_a_sparse_tensor_with_indices_out_of_its_shape_is_refused(tmp_path):
+    import warnings
+
+    import torch
+
+    from grcn_bench.datasets.safeio import load_pt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = torch.sparse_coo_tensor(torch.tensor([[0, 99_999_999]]), torch.tensor([1.0, 2.0]), (4,),
+                                      check_invariants=False)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(DatasetError, match=r"bad\.pt: refused or unreadable .*size is inconsistent with indices"):
+        load_pt(tmp_path / "bad.pt")
