@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -255,6 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = ResultStore(out)
     if args.dry_run:
         return print_plan(experiment, store)
+    writable_directory(out)
 
     def write_manifest(plan: Plan) -> None:
         store.write_json("experiment.json", manifest(experiment, plan))
@@ -294,6 +296,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.no_report:
         return cmd_report(out) or code
     return code
+
+
+def writable_directory(out: Path) -> None:
+    """Make sure results can be written to ``out`` before anything trains (a file, or a read-only place, is one line
+    of error instead of a traceback after the first cell)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write there ({err.strerror or err})") from None
 
 
 def manifest(experiment: Experiment, plan: Plan) -> dict:

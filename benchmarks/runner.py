@@ -199,8 +199,11 @@ def pending_cells(cells: Iterable[Cell], store: ResultStore, *, force: bool = Fa
         if cell.cell_id in seen:
             continue
         seen.add(cell.cell_id)
+        if force:  # reads nothing: --force recovers from any file the store may hold
+            todo.append(cell)
+            continue
         status = store.status(cell.cell_id)
-        if force or status is None or (retry_failed and status == "failed"):
+        if status is None or (retry_failed and status == "failed"):
             todo.append(cell)
     return todo
 

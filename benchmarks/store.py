@@ -18,6 +18,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,14 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class CorruptEntryError(ValueError):
+    """A file in the store that is not what the store writes; the message names it and how to recover."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}; delete it, or rerun with --force to retrain its cell")
+        self.path = path
 
 
 class ResultStore:
@@ -84,19 +93,27 @@ class ResultStore:
         atomic_write_bytes(self.result_path(cell_id), payload.encode())
 
     def read(self, cell_id: str) -> dict[str, Any]:
+        """A stored result; a file that is not one raises :class:`CorruptEntryError` naming it and the fix."""
         path = self.result_path(cell_id)
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:  # only possible if someone edited the file by hand
-            raise ValueError(f"{path}: not a valid result file ({err})") from err
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # possible only if something else wrote the file
+            raise CorruptEntryError(path, f"not JSON ({err})") from None
+        if not isinstance(result, dict) or result.get("status") not in STATUSES:
+            shown = type(result).__name__ if not isinstance(result, dict) else f"status {result.get('status')!r}"
+            raise CorruptEntryError(path, f"not a cell result ({shown})")
+        return result
 
     def read_arrays(self, cell_id: str) -> dict[str, np.ndarray]:
         """Per-user arrays of a cell (empty when it stored none). Plain arrays only: no pickles are loaded."""
         path = self.arrays_path(cell_id)
         if not path.is_file():
             return {}
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise CorruptEntryError(path, f"not a readable .npz ({type(err).__name__}: {err})") from None
 
     def drop_arrays(self, cell_id: str, names: Sequence[str]) -> bool:
         """Rewrite a cell's ``.npz`` without the arrays ``names`` (atomically); whether any was there."""

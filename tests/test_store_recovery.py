@@ -1,0 +1,58 @@
+"""A store that recovers: every corrupt entry is reported with its path and the fix, --force recovers from anything
+the store can hold, and an unusable --out is one line before anything trains."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from grcn_bench.benchmarks import cli
+from grcn_bench.benchmarks.store import CorruptEntryError, ResultStore
+
+RUN = ["run", "--models", "mf", "--datasets", "synthetic:tiny", "--max-epochs", "2", "--no-report", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    assert cli.main([*RUN, "--out", str(out)]) == 0
+    [cell_id] = ResultStore(out).cell_ids()
+    return out, cell_id
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda json_path, npz: json_path.write_text("[]"), "not a cell result (list)"),
+    (lambda json_path, npz: json_path.write_text("{}"), "not a cell result (status None)"),
+    (lambda json_path, npz: json_path.write_text('{"status": "ok"'), "not JSON"),
+    (lambda json_path, npz: npz.write_bytes(npz.read_bytes()[:100]), "not a readable .npz"),
+])
+def test_a_corrupt_entry_is_named_with_the_fix_and_force_recovers(tmp_path, finished, capsys, damage, problem):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    store = ResultStore(out)
+    cell_id = finished[1]
+    damage(store.result_path(cell_id), store.arrays_path(cell_id))
+    broken = store.arrays_path(cell_id) if "npz" in problem else store.result_path(cell_id)
+    with pytest.raises(CorruptEntryError, match="delete it, or rerun with --force") as caught:
+        store.read_arrays(cell_id) if "npz" in problem else store.read(cell_id)
+    assert str(caught.value).startswith(f"{broken}: {problem}")
+    if "npz" not in problem:  # the run reads the JSON to plan: one line, exit 2, nothing trained
+        assert cli.main([*RUN, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {broken}: {problem}")
+    assert cli.main([*RUN, "--out", str(out), "--force"]) == 0
+    assert store.read(cell_id)["status"] == "ok" and store.read_arrays(cell_id)["test_users"].size
+
+
+def test_out_must_be_a_writable_directory(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main([*RUN, "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: --out {a_file}: exists and is not a directory\n"
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli.main([*RUN, "--out", str(locked / "out")]) == 2
+        assert "cannot write there" in capsys.readouterr().err
