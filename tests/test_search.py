@@ -250,6 +250,16 @@ TINY = ["--models", "mf", "--datasets", "synthetic:tiny", "--lr", "1e-3", "1e-2"
         "--no-per-lr", "--max-epochs", "12", "--patience", "3", "--no-progress"]
 
 
+def main_one_thread(argv: list[str]) -> int:
+    """``cli.main`` with one torch thread, as the subprocess and worker runs compared with it use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def outcome(result: dict) -> dict:
     history = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in result["history"]]
     keys = ("status", "best_epoch", "epochs_run", "test_metrics", "val_metrics", "best_selection_metrics")
@@ -259,12 +269,7 @@ def outcome(result: dict) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("halving")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert cli.main(["run", *TINY, "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main_one_thread(["run", *TINY, "--out", str(out)]) == 0
     return ResultStore(out)
 
 
@@ -302,12 +307,7 @@ def test_halving_resumes_after_a_sigkill_with_the_uninterrupted_result(tmp_path,
     runner.wait(timeout=30)
     runner.stderr.close()
     assert 4 <= len(store.cell_ids()) < len(uninterrupted.cell_ids())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert cli.main(["run", *TINY, "--out", str(out), "--no-report"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main_one_thread(["run", *TINY, "--out", str(out), "--no-report"]) == 0
     assert store.cell_ids() == uninterrupted.cell_ids()
     for cell_id in store.cell_ids():
         assert outcome(store.read(cell_id)) == outcome(uninterrupted.read(cell_id)), cell_id
@@ -385,12 +385,7 @@ def test_replaying_halving_from_the_grid_gives_the_real_halving(tmp_path, uninte
 
     grid_args = ["--models", "mf", "--datasets", "synthetic:tiny", "--lr", "1e-3", "1e-2", "3e-2", "--reg", "1e-4",
                  "1e-2", "--seeds", "0", "--search", "grid", "--max-epochs", "12", "--patience", "3", "--no-progress"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert cli.main(["run", *grid_args, "--out", str(tmp_path), "--no-report"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main_one_thread(["run", *grid_args, "--out", str(tmp_path), "--no-report"]) == 0
     [real] = compare_searches(tmp_path, uninterrupted.root).to_dict("records")
     [replayed] = replay_halving(tmp_path, SearchSettings(method="halving", min_epochs=2, survivors=1,
                                                          per_lr=False)).to_dict("records")
