@@ -145,13 +145,28 @@ def load_results(results_dir: str | Path) -> Results:
             runs.append(Run(cell, store.read(cell["cell_id"]) if store.has(cell["cell_id"]) else None, store,
                             chosen))
         return Results(root, experiment.get("name", root.name), experiment.get("description", ""),
-                       experiment.get("report", {}), tuple(runs), search)
+                       experiment.get("report", {}), tuple(_one_version_of_each_dataset(runs, root)), search)
     runs = []
     for result in store.results():
         cell = dict(result["cell"])
         cell.setdefault("cell_id", result.get("cell_id"))
         runs.append(Run(cell, result, store))
-    return Results(root, root.name, "", {}, tuple(runs))
+    return Results(root, root.name, "", {}, tuple(_one_version_of_each_dataset(runs, root)))
+
+
+def _one_version_of_each_dataset(runs: list[Run], root: Path) -> list[Run]:
+    """Refuse results of one dataset spec trained on different data (dataset digests): a report never mixes them."""
+    digests: dict[str, dict[str, str]] = {}
+    for run in runs:
+        digest = (run.card or {}).get("digest")
+        if digest:
+            digests.setdefault(run.dataset, {}).setdefault(digest, run.cell_id)
+    for spec, versions in digests.items():
+        if len(versions) > 1:
+            examples = ", ".join(f"{cell_id} (digest {digest})" for digest, cell_id in versions.items())
+            raise ValueError(f"{root}: results for {spec} come from {len(versions)} versions of its data, e.g. "
+                             f"{examples}; rerun the experiment with --force to retrain them on today's data")
+    return runs
 
 
 def _canonical(value: Any) -> str:

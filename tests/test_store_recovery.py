@@ -56,3 +56,20 @@ def test_out_must_be_a_writable_directory(tmp_path, capsys):
         locked.mkdir(mode=0o500)
         assert cli.main([*RUN, "--out", str(locked / "out")]) == 2
         assert "cannot write there" in capsys.readouterr().err
+
+
+def test_a_report_never_mixes_versions_of_the_data(tmp_path, capsys):
+    from grcn_bench.benchmarks.config import Cell, TrainSettings
+    from grcn_bench.reports.selection import load_results
+
+    store = ResultStore(tmp_path)
+    cells = [Cell("mf", "synthetic:tiny", TrainSettings(lr=lr), label="BPR-MF") for lr in (1e-3, 1e-2)]
+    for cell, digest in zip(cells, ("aaaa", "bbbb"), strict=True):
+        store.write(cell.cell_id, {"cell": cell.to_dict(), "cell_id": cell.cell_id, "status": "ok",
+                                   "dataset_card": {"digest": digest}})
+    store.write_json("experiment.json", {"name": "t", "cells": [c.to_dict() for c in cells]})
+    with pytest.raises(ValueError, match=r"results for synthetic:tiny come from 2 versions of its data, e\.g\. "
+                                         r".*\(digest aaaa\), .*\(digest bbbb\); rerun .* --force"):
+        load_results(tmp_path)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "2 versions of its data" in capsys.readouterr().err
