@@ -183,13 +183,6 @@ def edge_weight_auc(graph, edge_weight: torch.Tensor, noise: torch.Tensor) -> di
     return out
 
 
-def run_cells(cells: Iterable[Cell], store: ResultStore, **options: Any) -> list[dict[str, Any]]:
-    """The serial executor; kept for callers of the first API. See :func:`.executors.run_grid`."""
-    from .executors import run_grid
-
-    return run_grid(cells, store, executor="serial", **options)
-
-
 def pending_cells(cells: Iterable[Cell], store: ResultStore, *, force: bool = False,
                   retry_failed: bool = False) -> list[Cell]:
     """Cells that still need running, in order, without duplicates."""

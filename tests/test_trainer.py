@@ -10,7 +10,8 @@ import torch
 
 from grcn_bench.benchmarks import runner
 from grcn_bench.benchmarks.config import Cell, TrainSettings
-from grcn_bench.benchmarks.runner import run_cell, run_cells
+from grcn_bench.benchmarks.executors import run_grid
+from grcn_bench.benchmarks.runner import run_cell
 from grcn_bench.benchmarks.store import ResultStore
 from grcn_bench.benchmarks.trainer import epoch_triplets, fit, load_checkpoint
 from grcn_bench.datasets import load_dataset
@@ -113,7 +114,7 @@ def test_nan_loss_is_diverged_failures_are_stored_and_the_grid_goes_on(tmp_path,
     cells = [Cell("test_exploding", "synthetic:tiny", settings), Cell("test_broken", "synthetic:tiny", settings),
              Cell("mf", "synthetic:tiny", settings)]
     store = ResultStore(tmp_path)
-    results = run_cells(cells, store, progress=False)
+    results = run_grid(cells, store, progress=False)
     assert [r["status"] for r in results] == ["diverged", "failed", "ok"]
     assert "non-finite" in results[0]["stop_reason"]
     assert "model exploded on purpose" in results[1]["error"] and "Traceback" in results[1]["traceback"]
