@@ -53,8 +53,9 @@ class Study:
     search: SearchSettings
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.template.label or self.template.model, self.template.dataset)
+    def key(self) -> tuple[str, str, str]:
+        """(label, dataset, protocol): what a ``tuned_from`` entry names, on its dataset and under its protocol."""
+        return (self.template.label or self.template.model, self.template.dataset, self.template.settings.protocol)
 
     @property
     def selection_seeds(self) -> tuple[int, ...]:
@@ -258,7 +259,7 @@ def plan_experiment(experiment: Experiment, store: ResultStore, finished: Finish
     """Replay every study from the store and resolve the ``tuned_from`` entries whose source is done."""
     finished = finished or store.has
     plans = [plan_study(study, store, finished) for study in studies(experiment)]
-    by_key: dict[tuple[str, str], StudyPlan] = {}
+    by_key: dict[tuple[str, str, str], StudyPlan] = {}
     for plan in plans:
         by_key.setdefault(plan.study.key, plan)
     reused, waiting = [], []
@@ -267,11 +268,14 @@ def plan_experiment(experiment: Experiment, store: ResultStore, finished: Finish
             continue
         for template in _templates(experiment, entry):
             dataset = base_dataset(template.dataset)
-            source = by_key.get((entry.tuned_from, dataset))
+            # Under the entry's own protocol: the audit's standard rows take Table 2's point, never the point the
+            # released protocol selected on test.
+            source = by_key.get((entry.tuned_from, dataset, template.settings.protocol))
             if source is None:
                 raise ValueError(
                     f"experiment {experiment.name!r}: entry {entry.label!r} takes its lr and λ from "
-                    f"{entry.tuned_from!r} on {dataset}, but no searched entry has that label and dataset")
+                    f"{entry.tuned_from!r} on {dataset}, but no searched entry has that label and dataset under "
+                    f"the {template.settings.protocol} protocol")
             if not source.done:
                 waiting.append((entry.label, template.dataset, entry.tuned_from, dict(template.options)))
                 continue
@@ -280,9 +284,9 @@ def plan_experiment(experiment: Experiment, store: ResultStore, finished: Finish
     return Plan(plans, reused, [c for c in reused if not finished(c.cell_id)], waiting)
 
 
-def _fig4_sources(experiment: Experiment) -> set[tuple[str, str]]:
-    """(label, dataset) of the studies whose finished runs the t-SNE figure (group fig4) will reuse."""
-    return {(entry.tuned_from, base_dataset(cell.dataset))
+def _fig4_sources(experiment: Experiment) -> set[tuple[str, str, str]]:
+    """(label, dataset, protocol) of the studies whose finished runs the t-SNE figure (group fig4) reuses."""
+    return {(entry.tuned_from, base_dataset(cell.dataset), cell.settings.protocol)
             for entry in experiment.models if entry.group == "fig4" and entry.tuned_from is not None
             for cell in _templates(experiment, entry)}
 
@@ -298,7 +302,8 @@ def keeps_embeddings(experiment: Experiment, cell: Cell) -> bool:
     if cell.group == "fig4":
         return True
     return (cell.final and cell.settings.seed == experiment.seeds[0]
-            and (cell.label or cell.model, base_dataset(cell.dataset)) in _fig4_sources(experiment))
+            and (cell.label or cell.model, base_dataset(cell.dataset), cell.settings.protocol)
+            in _fig4_sources(experiment))
 
 
 def drop_unselected_embeddings(experiment: Experiment, store: ResultStore, plan: Plan) -> None:

@@ -499,3 +499,20 @@ def test_run_exits_1_while_a_cell_is_stored_failed_and_says_so_when_reusing_it(t
         assert cli.main([*argv, "--retry-failed"]) == 0
     finally:
         unregister_model("status_test_raises")
+
+
+def test_a_reused_entry_takes_the_point_searched_under_its_own_protocol(tmp_path):
+    """The audit's standard rows reuse Table 2's point, even when the released protocol's search of the same label
+    comes first in the file and picked another point on test."""
+    official = {"protocol": "official-grcn"}
+    experiment = Experiment(
+        "t", (ModelEntry("mf", "BPR-MF", group="audit", train=official), ModelEntry("mf", "BPR-MF"),
+              ModelEntry("mf", "BPR-MF", group="audit", tuned_from="BPR-MF")),
+        ("synthetic:tiny",), lr=LRS[:2], reg=REGS[:1])
+    store = ResultStore(tmp_path)
+    for cell in plan_experiment(experiment, store).pending:
+        official_run = cell.settings.protocol == "official-grcn"
+        store.write(cell.cell_id, fake_result(cell, 0.9 if (cell.settings.lr == LRS[0]) == official_run else 0.1))
+    plan = plan_experiment(experiment, store)
+    assert [s.selected for s in plan.studies] == [(LRS[0], REGS[0]), (LRS[1], REGS[0])]
+    assert {(c.settings.lr, c.settings.protocol) for c in plan.reused} == {(LRS[1], "standard")}
