@@ -116,6 +116,8 @@ def run_grid(
     if gpus_per_cell is not None and gpus_per_cell < 0:
         raise ValueError(f"gpus_per_cell must be >= 0, got {gpus_per_cell}")
     plugins = load_plugins(plugins)
+    # A result another runner on the same directory stores from now on is taken as is (docs/layout.md).
+    run_options.setdefault("stored_since", time.time())
     todo = pending_cells(cells, store, force=force, retry_failed=retry_failed)
     keep_all = bool(run_options.pop("keep_embeddings", False))
     progress = bool(run_options.pop("progress", True))

@@ -42,6 +42,10 @@ def cached_dataset(spec: str) -> RecDataset:
     return load_dataset(spec)
 
 
+#: The status :func:`run_cell` returns, without storing anything, for a cell that another runner is training.
+CLAIMED = "claimed"
+
+
 def run_cell(
     cell: Cell,
     store: ResultStore,
@@ -51,8 +55,34 @@ def run_cell(
     progress: bool = True,
     keep_embeddings: bool = False,
     dataset_loader: Callable[[str], RecDataset] = cached_dataset,
+    stored_since: float | None = None,
 ) -> dict[str, Any]:
-    """Train and test one cell, write its result to ``store`` and return it (never raises for a model error)."""
+    """Train and test one cell, write its result to ``store`` and return it (never raises for a model error).
+
+    The cell is claimed first (:meth:`.ResultStore.claim`), so that runners sharing a results directory never train
+    it twice: one that another process is training returns ``{"status": "claimed"}`` at once, and one whose result
+    another runner stored at or after ``stored_since`` (the caller's start) returns that result.
+    """
+    with store.claim(cell.cell_id) as mine:
+        if not mine:
+            return {"cell": cell.to_dict(), "cell_id": cell.cell_id, "status": CLAIMED}
+        if stored_since is not None and store.has(cell.cell_id) and \
+                store.result_path(cell.cell_id).stat().st_mtime >= stored_since:
+            return store.read(cell.cell_id)
+        return _run_cell(cell, store, device=device, eval_memory=eval_memory, progress=progress,
+                         keep_embeddings=keep_embeddings, dataset_loader=dataset_loader)
+
+
+def _run_cell(
+    cell: Cell,
+    store: ResultStore,
+    *,
+    device: str,
+    eval_memory: int,
+    progress: bool,
+    keep_embeddings: bool,
+    dataset_loader: Callable[[str], RecDataset],
+) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     if device.startswith("cuda") and torch.cuda.is_available():  # a reused worker: peak of this cell only
         torch.cuda.reset_peak_memory_stats(torch.device(device))

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SELECTION_METRIC, Cell, Experiment, ModelEntry, SearchSettings
+from .runner import CLAIMED
 from .store import ResultStore
 
 Point = tuple[float, float]  # (lr, λ)
@@ -346,6 +348,7 @@ def run_search(
     retry_failed: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
     data_digest: Callable[[str], str] | None = None,
+    claim_poll_seconds: float = 5.0,
 ) -> tuple[Plan, list[dict[str, Any]]]:
     """Run ``experiment``'s search round by round until every study and reused entry is done.
 
@@ -357,6 +360,8 @@ def run_search(
         on_plan: called with the plan before every round and at the end (the CLI writes ``experiment.json``).
         data_digest: the current digest of a dataset spec (default: its dataset card's, loaded once per process).
             A stored result whose dataset digest differs is never reused: :class:`StaleResultsError` names it.
+        claim_poll_seconds: when every cell of a round is being trained by another runner on the same directory
+            (status ``claimed``), how long to wait before looking again; their results are then reused.
 
     Returns:
         The final plan and the results of every cell that ran.
@@ -395,8 +400,12 @@ def run_search(
         if not todo:
             return plan, results
         keep = frozenset(c.cell_id for c in plan.requests if keeps_embeddings(experiment, c))
-        results += run_round(todo, keep)
-        ran.update(c.cell_id for c in todo)
+        outcomes = run_round(todo, keep)
+        claimed = {r["cell_id"] for r in outcomes if r.get("status") == CLAIMED}
+        results += [r for r in outcomes if r.get("status") != CLAIMED]
+        ran.update(c.cell_id for c in todo if c.cell_id not in claimed)
+        if claimed and len(claimed) == len(todo):  # all in another runner's hands: wait for its results
+            time.sleep(claim_poll_seconds)
 
 
 @dataclass(frozen=True)

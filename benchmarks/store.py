@@ -6,6 +6,7 @@ Layout of a results directory::
     <out>/cells/<cell_id>.npz     per-user test metrics (and embeddings when asked), written before the JSON
     <out>/checkpoints/<cell_id>.pt  best state during training (removed when the cell finishes)
     <out>/logs/<cell_id>.log      one line per epoch
+    <out>/claims/<cell_id>.lock   held (flock) by the process training the cell, so that no two runners train it
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over its final name
 (``os.replace`` is atomic on POSIX), so a crash or a kill at any moment leaves either the complete file or none.
@@ -14,6 +15,8 @@ Reports only read the store; a rerun skips cells whose JSON exists.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -114,6 +117,30 @@ class ResultStore:
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise CorruptEntryError(path, f"not a readable .npz ({type(err).__name__}: {err})") from None
+
+    @contextlib.contextmanager
+    def claim(self, cell_id: str) -> Iterator[bool]:
+        """Hold ``cell_id``'s claim while the block runs; yields whether this process got it.
+
+        An exclusive ``flock`` on ``claims/<cell_id>.lock``: the kernel releases it when its holder exits, even by
+        SIGKILL, so a dead runner never blocks a cell. Where the filesystem has no ``flock`` (some network
+        filesystems) every claim succeeds, as before claims existed.
+        """
+        path = self.root / "claims" / f"{cell_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            except OSError:  # ENOLCK and the like: no locking here
+                yield True
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def drop_arrays(self, cell_id: str, names: Sequence[str]) -> bool:
         """Rewrite a cell's ``.npz`` without the arrays ``names`` (atomically); whether any was there."""

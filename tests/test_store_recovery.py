@@ -73,3 +73,39 @@ def test_a_report_never_mixes_versions_of_the_data(tmp_path, capsys):
         load_results(tmp_path)
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "2 versions of its data" in capsys.readouterr().err
+
+
+def test_a_cell_another_runner_is_training_is_never_trained_twice(tmp_path):
+    """Runner B meets a cell that runner A holds (its claim): B does not train it, waits, and takes A's result."""
+    import threading
+
+    from grcn_bench.benchmarks.config import Experiment, ModelEntry
+    from grcn_bench.benchmarks.executors import run_grid
+    from grcn_bench.benchmarks.runner import CLAIMED, _run_cell, cached_dataset, run_cell
+    from grcn_bench.benchmarks.search import run_search
+
+    store = ResultStore(tmp_path)
+    experiment = Experiment("t", (ModelEntry("mf", "mf"),), ("synthetic:tiny",),
+                            train={"max_epochs": 2, "batch_size": 256})
+    [cell] = experiment.cells()
+    trained_by_b = []
+
+    def runner_b(cells, keep):
+        results = run_grid(cells, store, force=True, progress=False)
+        trained_by_b.extend(r for r in results if r["status"] != CLAIMED)
+        return results
+
+    finished = []
+    with store.claim(cell.cell_id) as mine:  # runner A holds the cell
+        assert mine
+        assert run_cell(cell, store, progress=False)["status"] == CLAIMED and not store.has(cell.cell_id)
+        b = threading.Thread(target=lambda: finished.append(run_search(experiment, store, runner_b,
+                                                                       claim_poll_seconds=0.05)))
+        b.start()
+        b.join(timeout=1)
+        assert b.is_alive() and not trained_by_b  # B waits for A, training nothing
+        _run_cell(cell, store, device="cpu", eval_memory=1 << 30, progress=False, keep_embeddings=False,
+                  dataset_loader=cached_dataset)  # A trains and stores the cell, then lets go of it
+    b.join(timeout=60)
+    assert not b.is_alive() and finished[0][0].done
+    assert trained_by_b == [] and store.read(cell.cell_id)["status"] == "ok"  # trained once, by A
