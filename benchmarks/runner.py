@@ -28,7 +28,7 @@ from grcn_bench.models import get_model
 
 from .config import Cell
 from .evaluator import EvalResult, evaluate
-from .store import ResultStore
+from .store import CorruptEntryError, ResultStore
 from .trainer import fit, seed_everything
 
 log = logging.getLogger("grcn_bench.runner")
@@ -225,7 +225,12 @@ def pending_cells(cells: Iterable[Cell], store: ResultStore, *, force: bool = Fa
         if force:  # reads nothing: --force recovers from any file the store may hold
             todo.append(cell)
             continue
-        status = store.status(cell.cell_id)
+        try:
+            status = store.status(cell.cell_id)
+        except CorruptEntryError:
+            if not retry_failed:
+                raise
+            status = "failed"  # a damaged entry is rerun like a failed one
         if status is None or (retry_failed and status == "failed"):
             todo.append(cell)
     return todo

@@ -32,7 +32,7 @@ from typing import Any
 
 from .config import SELECTION_METRIC, Cell, Experiment, ModelEntry, SearchSettings
 from .runner import CLAIMED
-from .store import ResultStore
+from .store import CorruptEntryError, ResultStore
 
 Point = tuple[float, float]  # (lr, λ)
 
@@ -376,7 +376,12 @@ def run_search(
             return True
         if not store.has(cell_id) or force:
             return False
-        result = store.read(cell_id)
+        try:
+            result = store.read(cell_id)
+        except CorruptEntryError:
+            if retry_failed:  # a damaged entry is a failure too: rerun it
+                return False
+            raise
         if retry_failed and result.get("status") == "failed":
             return False
         stored = (result.get("dataset_card") or {}).get("digest")

@@ -42,8 +42,17 @@ def test_a_corrupt_entry_is_named_with_the_fix_and_force_recovers(tmp_path, fini
     if "npz" not in problem:  # the run reads the JSON to plan: one line, exit 2, nothing trained
         assert cli.main([*RUN, "--out", str(out)]) == 2
         assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {broken}: {problem}")
-    assert cli.main([*RUN, "--out", str(out), "--force"]) == 0
+    recover = "--retry-failed" if "npz" not in problem else "--force"  # a damaged JSON counts as a failure
+    assert cli.main([*RUN, "--out", str(out), recover]) == 0
     assert store.read(cell_id)["status"] == "ok" and store.read_arrays(cell_id)["test_users"].size
+
+
+def test_a_missing_dataset_fails_its_cells_with_one_line_and_exit_status_1(tmp_path, capsys):
+    missing = tmp_path / "no-such-dataset"
+    assert cli.main(["run", "--models", "mf", "--datasets", str(missing), "--out", str(tmp_path / "out"),
+                     "--no-report", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"DatasetError: {missing}: no such dataset directory" in err and "1 cell(s) failed" in err
 
 
 def test_out_must_be_a_writable_directory(tmp_path, capsys):
