@@ -197,6 +197,7 @@ class DatasetCard:
     ids_offset: bool | None = None  # official format: were item ids offset by U in the files?
     duplicates_dropped: dict[str, int] = field(default_factory=dict)
     leaking_pairs_dropped: dict[str, int] = field(default_factory=dict)
+    val_test_overlap_dropped: int = 0  # test pairs that were also validation pairs (dropped from test)
     users_without_train: int = 0
     text_words: int | None = None  # vocabulary size when text is word ids
     noise_edges: int | None = None  # labelled false-positive train edges (synthetic or injected)
@@ -210,6 +211,8 @@ class DatasetCard:
     def digest(self) -> str:
         """A short stable hash of everything that identifies the data (not the path it was read from)."""
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        if not identity["val_test_overlap_dropped"]:  # a field added later: data without overlap keeps its digest
+            del identity["val_test_overlap_dropped"]
         return hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -248,6 +251,8 @@ class DatasetCard:
         for split, n in self.leaking_pairs_dropped.items():
             if n:
                 rows.append((f"pairs leaking train dropped ({split})", f"{n:,}"))
+        if self.val_test_overlap_dropped:
+            rows.append(("test pairs also in validation, dropped", f"{self.val_test_overlap_dropped:,}"))
         for key, value in self.parameters.items():
             rows.append((f"param {key}", str(value)))
         rows += [(f"sha256 {name}", digest[:16]) for name, digest in sorted(self.checksums.items())]

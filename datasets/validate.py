@@ -216,9 +216,13 @@ def validate(
             )
         warnings.warn(f"{where}: dropped {leaking[key]} pairs that duplicate training pairs", stacklevel=2)
         cleaned[key] = cleaned[key][~leak]
-    both = np.isin(_pair_keys(cleaned["test"], num_items), _pair_keys(cleaned["val"], num_items)).sum()
-    if both:
-        warnings.warn(f"{sources.get('test', name)}: {both} pairs are also validation pairs", stacklevel=2)
+    # A test pair that is also a validation pair is masked at test time (validation items are), so it could never be
+    # a hit and would only lower recall: it is dropped from test, with a warning, and counted on the card.
+    overlap = np.isin(_pair_keys(cleaned["test"], num_items), _pair_keys(cleaned["val"], num_items))
+    if overlap.any():
+        warnings.warn(f"{sources.get('test', name)}: dropped {int(overlap.sum())} test pairs that are also validation "
+                      "pairs", stacklevel=2)
+        cleaned["test"] = cleaned["test"][~overlap]
 
     dense = {m: check_dense_feature(features[m], num_items, sources.get(m, name)) for m in MODALITIES if m in features}
     bags = None if word_bags is None else check_word_bags(word_bags, num_items, sources.get("t", name))
@@ -241,6 +245,7 @@ def validate(
         ids_offset=ids_offset,
         duplicates_dropped=duplicates,
         leaking_pairs_dropped=leaking,  # all zero unless drop_leaking_pairs (a leak is an error otherwise)
+        val_test_overlap_dropped=int(overlap.sum()),
         users_without_train=int(num_users - users_with_train),
         text_words=bags.num_words if bags is not None else None,
         noise_edges=int(labels.sum()) if labels is not None else None,

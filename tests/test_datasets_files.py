@@ -150,3 +150,18 @@ def test_a_sparse_tensor_with_indices_out_of_its_shape_is_refused(tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(DatasetError, match=r"bad\.pt: refused or unreadable .*size is inconsistent with indices"):
         load_pt(tmp_path / "bad.pt")
+
+
+def test_test_pairs_that_are_also_validation_pairs_are_dropped_and_counted(tmp_path):
+    """Validation items are masked at test time, so such a pair could never be a hit: it leaves test, with a warning,
+    and the card counts it. Data without overlap keeps its digest (the field is new)."""
+    import pandas as pd
+
+    rows = [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 2, 0), (0, 3, 1), (0, 3, 2), (1, 4, 2), (1, 5, 1)]
+    pd.DataFrame(rows, columns=["userID", "itemID", "x_label"]).to_csv(tmp_path / "o.inter", sep="\t", index=False)
+    with pytest.warns(UserWarning, match=r"o\.inter: dropped 1 test pairs that are also validation pairs"):
+        data = load_dataset(str(tmp_path))
+    assert data.test.tolist() == [[1, 4]] and data.val.tolist() == [[0, 3], [1, 5]]
+    assert data.card.val_test_overlap_dropped == 1
+    assert ("test pairs also in validation, dropped", "1") in data.card.rows()
+    assert load_dataset("synthetic:tiny").card.digest() == "16dd8ea368894aa8"  # pinned before the field existed
