@@ -9,8 +9,8 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 
 .PHONY: bench test test-all lint install clean
 
-# Two one-thread workers (one per core) run quick's small cells side by side: the same tables as one process with
-# two threads, measured 1.6x faster on 2 cores (docs/performance.md).
+# One one-thread worker per core runs quick's small cells side by side: the same tables as one process with all the
+# threads, and faster (measured in docs/performance.md).
 bench: install
 	$(PY) run_benchmarks.py run quick --executor process --threads-per-worker 1
 
