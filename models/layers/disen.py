@@ -1,4 +1,4 @@
-r"""DisenGCN's neighbourhood-routing layer, DisenConv (SPEC §2.3).
+r"""DisenGCN's neighbourhood-routing layer, DisenConv (docs/protocol.md, "Baselines").
 
 Ma, Cui, Kuang, Wang and Zhu, "Disentangled Graph Convolutional Networks", ICML 2019
 (http://proceedings.mlr.press/v97/ma19a.html), Section 3 and Algorithm 1.
