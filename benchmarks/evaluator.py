@@ -13,7 +13,9 @@ the others (a faster scoring path, for instance):
 3. :func:`grouped_top_k` — the ``K_max`` best items per user (:func:`~grcn_bench.benchmarks.metrics.top_k`'s result
    from the maxima of groups of 32 items, then ``torch.topk`` over the best groups; about 2x faster than
    ``torch.topk`` over a full catalogue);
-4. :func:`~grcn_bench.benchmarks.metrics.hits_from_csr` and :func:`~grcn_bench.benchmarks.metrics.rank_metrics`.
+4. :func:`~grcn_bench.benchmarks.metrics.hits_from_csr` and :func:`~grcn_bench.benchmarks.metrics.rank_metrics`,
+   which computes every metric of the registry (``@register_metric``), so a registered metric is evaluated, stored
+   and reported with no change here.
 
 Protocols:
 
@@ -39,8 +41,8 @@ import torch
 from torch import Tensor
 
 from grcn_bench.datasets.base import InteractionGraph, RecDataset
+from grcn_bench.models import ops
 from grcn_bench.models.base import Embeddings, Recommender
-from grcn_bench.models.layers import native
 
 from .metrics import hits_from_csr, normalize_ks, pad_hits, rank_metrics, top_k
 
@@ -238,11 +240,11 @@ def _default_dot_score_on_cpu(model: Recommender, emb: Embeddings, dtypes: tuple
 
 class CompiledDotScores:
     """The default :meth:`Recommender.score` (``user @ item.T``) for batches of users, computed by the compiled kernel
-    (:func:`~grcn_bench.models.layers.native.run_dot_scores`) into one reused buffer, with the maximum of every group
+    (:func:`grcn_bench.models.ops.dot_scores`) into one reused buffer, with the maximum of every group
     of :data:`TOPK_GROUP` items, which :func:`grouped_top_k` would otherwise compute in a second pass over the scores.
 
     The scores are ``torch.mm``'s, bit for bit (checked on this machine before first use:
-    :func:`~grcn_bench.models.layers.native.dot_scores_status`), and each is summed on its own, so a user's scores
+    :func:`grcn_bench.models.ops.dot_scores_apply`), and each is summed on its own, so a user's scores
     do not depend on which users share its batch, nor on the memory budget. Each call overwrites the previous call's
     scores and maxima: use them (mask, rank) before the next call.
 
@@ -254,8 +256,8 @@ class CompiledDotScores:
     def __init__(self, emb: Embeddings, max_batch: int):
         self.user = emb.user.detach()
         self.num_items = emb.item.size(0)
-        self.packed = native.pack_score_items(emb.item.detach())
-        self.buffer = self.user.new_empty(max(1, max_batch), self.packed.size(0) * native.SCORE_PANEL)
+        self.packed = ops.pack_score_items(emb.item.detach())
+        self.buffer = self.user.new_empty(max(1, max_batch), self.packed.size(0) * ops.SCORE_PANEL)
         self.maxima = self.user.new_empty(max(1, max_batch), self.num_items // TOPK_GROUP)
 
     @staticmethod
@@ -264,9 +266,8 @@ class CompiledDotScores:
         scores here for these embeddings."""
         return (
             _default_dot_score_on_cpu(model, emb, (torch.float32,))
-            and TOPK_GROUP == native.SCORE_GROUP
-            and native.score_chain(emb.user.size(1)) is not None
-            and native.dot_scores_status() == "native"
+            and TOPK_GROUP == ops.SCORE_GROUP
+            and ops.dot_scores_apply(emb.user.size(1))
         )
 
     def __call__(self, users: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,7 +276,7 @@ class CompiledDotScores:
             raise ValueError(f"{users.numel()} users exceed the buffer's {self.buffer.size(0)} rows")
         rows = users.numel()
         out, maxima = self.buffer[:rows], self.maxima[:rows]
-        if not native.run_dot_scores(self.user[users], self.packed, out, maxima):
+        if not ops.dot_scores(self.user[users], self.packed, out, maxima):
             raise RuntimeError("the compiled dot scores refused operands CompiledDotScores.applies accepted")
         return out[:, : self.num_items], maxima
 

@@ -15,8 +15,11 @@ For every model × dataset it measures, with the code the grid runs:
 - peak resident memory of the process (and peak GPU memory on CUDA).
 
 ``--kernels native torch`` measures every cell twice, with the compiled kernels (sparse and dense products, ranking
-scores: :mod:`grcn_bench.models.layers.native`) and with torch's (scores from numpy's BLAS), one after the other: a
-side-by-side comparison within one run.
+scores, GRCN's fused routing step: :func:`grcn_bench.models.ops.kernel_status`) and with torch's (scores from numpy's
+BLAS), one after the other: a side-by-side comparison within one run. A value may also switch one family of kernels
+off (``native,-dense``, ``native,-sparse``, ``native,-scores``, ``native,-routing``; the values of
+``GRCN_BENCH_KERNELS``, :func:`grcn_bench.models.ops.parse_kernels`), so that each family is measured against torch's
+path in the same run: ``--kernels native native,-dense torch``.
 
 Each cell runs in a fresh process (``spawn``), so peaks do not accumulate from one model to the next; the parent
 builds each dataset once and hands it over. The machine's references (dense matmul GFLOP/s with torch and with numpy,
@@ -48,7 +51,9 @@ import torch
 from .memory import can_keep_freed_memory, keep_freed_memory
 
 DEFAULT_DATASETS = ("synthetic:tiktok?scale=full", "synthetic:movielens?scale=full")
-KERNEL_CHOICES = ("native", "torch")
+#: The ``--kernels`` values: all compiled kernels, torch's only, or all but one family (any ``GRCN_BENCH_KERNELS``
+#: value is accepted, :func:`check_kernels`).
+KERNEL_CHOICES = ("native", "torch", "native,-sparse", "native,-dense", "native,-scores", "native,-routing")
 DEFAULT_OUT = Path("results") / "perf.json"
 PHASES = ("forward", "score", "mask", "rank", "metrics")
 
@@ -70,8 +75,9 @@ class PerfSettings:
         subprocess: run each cell in a fresh spawned process (per-cell peak memory); ``False`` runs them here.
         reference_size: side of the square matmuls that measure the machine's dense rate (2048).
         reference_megabytes: size of the buffer whose copy measures memory bandwidth (256).
-        kernels: the kernels (sparse and dense products, ranking scores) to measure each cell with, ``native`` and/or
-            ``torch`` (:mod:`grcn_bench.models.layers.native`): both measure them side by side, cell after cell.
+        kernels: the kernels to measure each cell with, each a ``GRCN_BENCH_KERNELS`` value (``native``, ``torch``,
+            or ``native`` with families switched off, :data:`KERNEL_CHOICES`): several measure them side by side,
+            cell after cell.
     """
 
     models: tuple[str, ...] = ()
@@ -94,8 +100,23 @@ class PerfSettings:
                              f"{self.batch_size}")
         if not self.datasets:
             raise ValueError("no dataset to measure")
-        if not self.kernels or set(self.kernels) - set(KERNEL_CHOICES):
-            raise ValueError(f"kernels must be among {KERNEL_CHOICES}, got {self.kernels}")
+        if not self.kernels:
+            raise ValueError(f"kernels must name at least one choice, such as {KERNEL_CHOICES}")
+        for choice in self.kernels:
+            check_kernels(choice)
+
+
+def check_kernels(choice: str) -> str:
+    """``choice`` if it is a ``GRCN_BENCH_KERNELS`` value (:func:`grcn_bench.models.ops.parse_kernels`), else
+    ``ValueError``; the argument type of ``--kernels``."""
+    from grcn_bench.models.ops import parse_kernels
+
+    try:
+        parse_kernels(choice)
+    except ValueError as error:
+        raise ValueError(f"kernels must be among {KERNEL_CHOICES} (or another GRCN_BENCH_KERNELS value), got "
+                         f"{choice!r}: {error}") from None
+    return choice
 
 
 @dataclass
@@ -228,7 +249,7 @@ def measure_cell(model_name: str, dataset: Any, spec: str, settings: PerfSetting
                  ) -> CellTiming:
     """Train ``settings.warmup + settings.batches`` batches of ``model_name`` on ``dataset`` and evaluate it once,
     with the ``kernels`` kernels (``native`` falls back to torch's where they cannot run: ``kernel_status``)."""
-    from grcn_bench.models.layers.native import use_kernels
+    from grcn_bench.models.ops import use_kernels
 
     with use_kernels(kernels):
         return _measure(model_name, dataset, spec, settings, kernels)
@@ -236,11 +257,11 @@ def measure_cell(model_name: str, dataset: Any, spec: str, settings: PerfSetting
 
 def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, kernels: str) -> CellTiming:
     from grcn_bench.models import get_model
-    from grcn_bench.models.layers.native import kernel_status
+    from grcn_bench.models.ops import kernel_status
 
     from .config import TrainSettings
     from .evaluator import compute_embeddings, evaluate
-    from .trainer import _train_epoch, epoch_triplets, seed_everything
+    from .trainer import epoch_triplets, seed_everything, train_epoch
 
     device = torch.device(settings.device)
     result = CellTiming(model=model_name, dataset=spec, kernels=kernels, kernel_status=kernel_status())
@@ -261,7 +282,7 @@ def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, k
             stop = start + settings.batch_size
             started = time.perf_counter()
             # The trainer's own loop over exactly one batch: forward, loss, backward, Adam step.
-            loss = _train_epoch(model, graph, users[start:stop], pos[start:stop], neg[start:stop], train, optimizer,
+            loss = train_epoch(model, graph, users[start:stop], pos[start:stop], neg[start:stop], train, optimizer,
                                 device)
             _sync(device)
             seconds = time.perf_counter() - started
@@ -436,13 +457,21 @@ def add_perf_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         help="side of the square matmuls that measure the machine's dense rate (default 2048)")
     parser.add_argument("--reference-mb", type=int, default=256,
                         help="megabytes copied to measure memory bandwidth (default 256)")
-    parser.add_argument("--kernels", nargs="+", choices=KERNEL_CHOICES, default=["native"],
-                        help="kernels (sparse and dense products, ranking scores) to measure with: native (compiled, "
-                             "falls back to torch's where they cannot run) and/or torch (scores from numpy's BLAS); "
-                             "both: side by side, cell after cell (default native)")
+    parser.add_argument("--kernels", nargs="+", type=_kernels_argument, default=["native"],
+                        help="kernels to measure with, side by side, cell after cell: native (compiled, falls back "
+                             "to torch's where they cannot run), torch (scores from numpy's BLAS), or native with "
+                             "one family switched off: native,-sparse, native,-dense, native,-scores, "
+                             "native,-routing (default native)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every cell in this process (faster to start; peak memory then accumulates)")
     return parser
+
+
+def _kernels_argument(value: str) -> str:
+    try:
+        return check_kernels(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cmd_perf(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
-from .losses import bpr_loss, bpr_pair_scores, ego_l2
+from .losses import bpr_loss, ego_l2
+from .ops import bpr_pair_scores
 
 
 class Embeddings(NamedTuple):
@@ -80,8 +81,8 @@ class Recommender(torch.nn.Module, abc.ABC):
     def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
         """What one training batch's loss reads: :meth:`forward`'s representations, bit for bit, at the rows of
         ``users`` and of the items ``pos`` and ``neg`` (and edge weights, if any), with the same gradients. The
-        default is the full forward; a model may compute only the batch's receptive field
-        (:mod:`.layers.field`) and leave its other rows zero. The trainer calls this, the evaluator :meth:`forward`."""
+        default is the full forward; a model may compute only the batch's receptive field (the op
+        ``receptive_field``) and leave its other rows zero. The trainer calls this, the evaluator :meth:`forward`."""
         return self(graph)
 
     def score(self, emb: Embeddings, users: Tensor) -> Tensor:
@@ -92,21 +93,19 @@ class Recommender(torch.nn.Module, abc.ABC):
         """``[B]`` scores of the given (user, item) pairs; must agree with :meth:`score`."""
         return (emb.user[users] * emb.item[items]).sum(-1)
 
+    def pair_scores(self, emb: Embeddings, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B]`` scores of a BPR batch's positive and negative pairs, ``(pair_score(emb, users, pos),
+        pair_score(emb, users, neg))`` (Eq. 11; the op ``bpr_pair_scores``). A model that overrides
+        :meth:`pair_score` overrides this too."""
+        return bpr_pair_scores(emb.user, emb.item, users, pos, neg)
+
     def ego_parameters(self, users: Tensor, pos: Tensor, neg: Tensor) -> list[Tensor]:
         """The batch's layer-0 parameters that the L2 term covers (default: the rows of the ID embeddings)."""
         return [self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg]]
 
     def loss(self, emb: Embeddings, users: Tensor, pos: Tensor, neg: Tensor, reg_weight: float) -> Tensor:
         """Mean BPR over the batch plus ``reg_weight`` times the mean square of the ego parameters (Eq. 13)."""
-        # The dot product of computed outputs: both scores with one gradient buffer per table. Where an output is a
-        # parameter itself (BPR-MF), the regulariser's gradient is summed between the two gathers' by autograd; two
-        # calls keep that order, and with it every stored result to the last bit.
-        computed = emb.user.grad_fn is not None and emb.item.grad_fn is not None
-        if computed and type(self).pair_score is Recommender.pair_score:
-            pos_scores, neg_scores = bpr_pair_scores(emb.user, emb.item, users, pos, neg)
-        else:
-            pos_scores = self.pair_score(emb, users, pos)
-            neg_scores = self.pair_score(emb, users, neg)
+        pos_scores, neg_scores = self.pair_scores(emb, users, pos, neg)
         return bpr_loss(pos_scores, neg_scores) + reg_weight * self.l2_term(users, pos, neg)
 
     def l2_term(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:

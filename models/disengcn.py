@@ -15,11 +15,8 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from . import register_model
 from .base import Embeddings, Recommender, xavier_embedding
 from .layers.content import ItemContentInput, node_inputs
-from .layers.dense import rows_apply
 from .layers.disen import NeighRoutingConv
-from .layers.field import receptive_field
-from .layers.native import native_kernels
-from .layers.sparse import graph_pattern
+from .ops import graph_pattern, receptive_field, rows_apply
 
 #: How the user and item representations are read out of the layer outputs :math:`\mathbf{y}^{(0)}, \dots,
 #: \mathbf{y}^{(L)}`: the last layer (the paper's), or the sum, mean or concatenation of all of them.
@@ -149,12 +146,12 @@ class DisenGCN(Recommender):
         return total if self.readout == "sum" else total / len(layers)
 
     def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
-        """:meth:`forward`'s representations at the batch's users and items and the same gradients, bit for bit,
-        with the routing layers computed over the batch's receptive field only (:mod:`.layers.field`; zero rows
-        elsewhere). The layer-0 inputs are computed whole. The readout reads each layer at the batch's rows, with
-        the same row-wise operations as :meth:`forward`. Where the compiled products do not run (or the layer
-        widths do not suit them), the full :meth:`forward`."""
-        if native_kernels() is None or not all(rows_apply(conv.lin.weight, graph.num_nodes) for conv in self.convs):
+        """:meth:`forward`'s representations at the batch's users and items and the same gradients (within float
+        round-off), with the routing layers computed over the batch's receptive field only (the op
+        ``receptive_field``; zero rows elsewhere). The layer-0 inputs are computed whole. The readout reads each
+        layer at the batch's rows, with the same row-wise operations as :meth:`forward`. Where the op ``linear``
+        cannot compute rows of the layers' products (``rows_apply``), the full :meth:`forward`."""
+        if not all(rows_apply(conv.lin.weight, graph.num_nodes) for conv in self.convs):
             return self(graph)
         field = receptive_field(graph, torch.cat([users, pos + self.num_users, neg + self.num_users]), self.num_layers)
         x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph).index_select(0, field.nodes[0])

@@ -20,21 +20,9 @@ from grcn_bench.datasets.base import MODALITIES, DatasetInfo, InteractionGraph
 
 from . import register_model
 from .base import Embeddings, Recommender
-from .layers.dense import linear
-from .layers.field import receptive_field
-from .layers.native import native_kernels
-from .layers.refine import (
-    Fusion,
-    Pruning,
-    RefinedPropagation,
-    affinities,
-    fuse,
-    l2_normalize,
-    prune,
-    route_prototypes,
-)
-from .layers.sparse import CSRPattern, graph_pattern, spmm, user_item_pattern
+from .layers.refine import Fusion, Pruning, RefinedPropagation, affinities, fuse, prune, route_prototypes
 from .losses import RELEASE_ID_WEIGHTS, ego_l2
+from .ops import CSRPattern, graph_pattern, l2_normalize, linear, receptive_field, spmm, user_item_pattern
 
 Variant = Literal["paper", "official"]
 Routing = Literal["paper", "official"]
@@ -346,13 +334,9 @@ class GRCN(Recommender):
 
     def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
         """:meth:`forward`'s representations at the batch's users and items (zero rows elsewhere), its edge weights
-        and the same gradients, bit for bit, with the propagation (Eqs. 8-9) computed over the batch's receptive
-        field only (:mod:`.layers.field`). The refining layer runs whole: its prototypes are needed for nearly
-        every user whose edges the field reads. Where the compiled sparse products do not run, the full
-        :meth:`forward`."""
-        if (native_kernels() is None or self.id_embedding.device.type != "cpu"
-                or self.id_embedding.dtype != torch.float32):  # the compiled products' sums, or none
-            return self(graph)
+        and the same gradients, with the propagation (Eqs. 8-9) computed over the batch's receptive field only (the
+        op ``receptive_field``): each field row sums the same terms as the whole graph's row. The refining layer
+        runs whole: its prototypes are needed for nearly every user whose edges the field reads."""
         content, prototypes, scores, weight = self.refined_graph(graph)
         seeds = torch.cat([users, pos + self.num_users, neg + self.num_users])
         field = receptive_field(graph, seeds, self.num_layers)

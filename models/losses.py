@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn.functional import logsigmoid
 
 
@@ -40,46 +39,3 @@ def ego_l2(parameters: Sequence[Tensor], weights: Sequence[float] | None = None)
 #: ``mean(e_u ** 2) + mean(e_i ** 2) / 2 + mean(e_j ** 2) / 2`` with every mean over the ``[B, d]`` batch rows: item
 #: rows weigh half as much as in :func:`ego_l2`'s plain sum (``docs/protocol.md``).
 RELEASE_ID_WEIGHTS = (1.0, 0.5, 0.5)
-
-
-class _BPRPairScores(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, user: Tensor, item: Tensor, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
-        u, p, n = user[users], item[pos], item[neg]
-        ctx.save_for_backward(u, p, n, users, pos, neg)
-        ctx.user_shape, ctx.item_shape = user.shape, item.shape
-        return (u * p).sum(-1), (u * n).sum(-1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_pos: Tensor, grad_neg: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        u, p, n, users, pos, neg = ctx.saved_tensors
-        grad_pos, grad_neg = grad_pos.unsqueeze(-1), grad_neg.unsqueeze(-1)
-        grad_user = grad_item = None
-        if ctx.needs_input_grad[0]:
-            grad_user = _scatter_two(ctx.user_shape, users, grad_pos * p, users, grad_neg * n)
-        if ctx.needs_input_grad[1]:
-            grad_item = _scatter_two(ctx.item_shape, pos, grad_pos * u, neg, grad_neg * u)
-        return grad_user, grad_item, None, None, None
-
-
-def _scatter_two(shape: torch.Size, first_index: Tensor, first: Tensor, second_index: Tensor, second: Tensor) -> Tensor:
-    """``zeros(shape)`` with the rows of ``first`` added at ``first_index`` and those of ``second`` at
-    ``second_index``, summed in exactly the order autograd sums two separate gathers' gradients: each gather's rows
-    in index order (``index_put_`` accumulates serially), then the two sums added. The second gather's rows are summed
-    in a small buffer of its distinct rows, so only one table-sized buffer is filled."""
-    out = first.new_zeros(shape).index_put_((first_index,), first, accumulate=True)
-    rows, position = torch.unique(second_index, return_inverse=True)
-    summed = second.new_zeros(rows.numel(), *shape[1:]).index_put_((position,), second, accumulate=True)
-    return out.index_put_((rows,), summed, accumulate=True)
-
-
-def bpr_pair_scores(user: Tensor, item: Tensor, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``[B]`` dot-product scores :math:`y_{ui}` and :math:`y_{uj}` of a BPR batch (Eq. 11), with the values and
-    gradients of ``(user[users] * item[pos]).sum(-1)`` and ``(user[users] * item[neg]).sum(-1)`` bit for bit.
-
-    Two separate gathers fill a zero gradient of ``user``'s and of ``item``'s full size each and add them; at Tiktok
-    scale with GRCN's 256-d outputs that is about 0.4 GB of writes per batch. This fills one of each. ``user`` is
-    ``[U, d]``, ``item`` ``[I, d]``, the indices ``[B]``.
-    """
-    return _BPRPairScores.apply(user, item, users, pos, neg)

@@ -15,11 +15,8 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from . import register_model
 from .base import Embeddings, Recommender, xavier_embedding
 from .layers.content import modality_features, reset_xavier, xavier_linear
-from .layers.dense import RowSubset, linear, rows_apply
-from .layers.field import ReceptiveField, receptive_field
 from .layers.mmgcn import AggregateCombineConv, mean_weights
-from .layers.native import native_kernels
-from .layers.sparse import graph_pattern
+from .ops import ReceptiveField, RowSubset, graph_pattern, linear, receptive_field, rows_apply
 
 
 def modality_mean(per_modality: list[Tensor]) -> Tensor:
@@ -173,10 +170,10 @@ class MMGCN(Recommender):
 
     def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
         """:meth:`forward`'s representations at the batch's users and items and the same gradients, bit for bit,
-        computed over the batch's receptive field only (:mod:`.layers.field`; zero rows elsewhere): at Tiktok's full
-        scale about a third of the products. Every operation on the way qualifies: the compiled sparse and dense
-        products, and elementwise LeakyReLU, sums and the modality mean. Where the compiled products do not run (or
-        the layer widths do not suit them), the full :meth:`forward`."""
+        computed over the batch's receptive field only (the op ``receptive_field``; zero rows elsewhere): at Tiktok's
+        full scale about a third of the products. Every operation on the way computes each row on its own: the
+        sparse and dense products, and elementwise LeakyReLU, sums and the modality mean. Where the op ``linear``
+        cannot compute rows of the layers' products (``rows_apply``), the full :meth:`forward`."""
         if not self._field_applies(graph):
             return self(graph)
         seeds = torch.cat([users, pos + self.num_users, neg + self.num_users])
@@ -188,7 +185,7 @@ class MMGCN(Recommender):
         return Embeddings(*full.split([self.num_users, self.num_items]))
 
     def _field_applies(self, graph: InteractionGraph) -> bool:
-        return native_kernels() is not None and all(
+        return all(
             rows_apply(lin.weight, graph.num_nodes)
             for m in self.modalities for conv in self.convs[m]
             for lin in (conv.aggregate_lin, conv.self_lin, conv.combine_lin)

@@ -15,7 +15,7 @@ from . import register_model
 from .base import Embeddings, Recommender, xavier_embedding
 from .layers.content import ItemContentInput, node_inputs
 from .layers.ngcf import BiInteractionConv, symmetric_norm
-from .layers.sparse import graph_pattern
+from .ops import graph_pattern
 
 
 @register_model("ngcf")

@@ -47,7 +47,7 @@ def one_thread():
 def fresh_kernels():
     """Forget the loaded compiled kernels and what their checks found, before and after the test (its monkeypatched
     environment or checks decide what loads and runs)."""
-    from grcn_bench.models.layers import native
+    from grcn_bench.models.ops import native
 
     native.forget_loaded()
     yield

@@ -28,14 +28,13 @@ from grcn_bench.models.layers.edge_ops import (
     EdgeScoreSum,
     SelfLoopSoftmax,
     attention_matrix,
-    l2_normalize,
     mean_aggregate,
 )
 from grcn_bench.models.layers.mmgcn import AggregateCombineConv, mean_weights
 from grcn_bench.models.layers.ngcf import BiInteractionConv, symmetric_norm
-from grcn_bench.models.layers.sparse import CSRPattern, graph_pattern, spmm, stack_pattern
 from grcn_bench.models.mmgcn import MMGCN, modality_mean
 from grcn_bench.models.ngcf import NGCF
+from grcn_bench.models.ops import CSRPattern, graph_pattern, spmm, stack_pattern
 
 U, I = 4, 5
 # User 3 has no training item and item 4 no user: isolated nodes must be handled too.
@@ -648,22 +647,6 @@ def test_gat_and_graphsage_models_equal_pyg_forwards_on_edge_lists(data):
     x = F.leaky_relu(SAGEConv.forward(sage.convs[0], x, sparse_adjacency(graph)), 0.01)
     x = SAGEConv.forward(sage.convs[1], x, sparse_adjacency(graph))
     assert torch.equal(torch.cat([emb.user, emb.item]), x)
-
-
-def test_l2_normalize_is_f_normalize_with_the_same_gradient():
-    x = torch.randn(6, 3, 5, dtype=torch.float64)
-    x[1, 2] = 0.0  # a zero vector stays zero; its gradient is g / eps, as autograd's through F.normalize
-    x[4, 0] = 1e-13  # a norm below eps: clamped
-    x_ref, x_fast = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    reference, fast = F.normalize(x_ref, dim=-1), l2_normalize(x_fast)
-    torch.testing.assert_close(fast, reference)
-    assert torch.equal(fast[1, 2], torch.zeros(5, dtype=torch.float64))
-    upstream = torch.randn_like(x)
-    (reference * upstream).sum().backward()
-    (fast * upstream).sum().backward()
-    torch.testing.assert_close(x_fast.grad, x_ref.grad)
-    smooth = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(l2_normalize, (smooth,))
 
 
 def test_attention_matrix_gives_every_heads_source_and_target_scores():

@@ -101,6 +101,9 @@ def check_score_agrees_with_pair_score(name: str, dataset: RecDataset, monkeypat
     for items in (pos, neg):
         expected = model.pair_score(emb, users, items)
         torch.testing.assert_close(scores.gather(1, items.unsqueeze(1)).squeeze(1), expected, rtol=1e-5, atol=1e-5)
+    # The loss's batch scores (pair_scores) are pair_score's for the positives and the negatives.
+    for got, items in zip(model.pair_scores(emb, users, pos, neg), (pos, neg), strict=True):
+        torch.testing.assert_close(got, model.pair_score(emb, users, items), rtol=1e-5, atol=1e-5)
 
 
 def check_loss_is_finite_and_decreases(name: str, dataset: RecDataset, monkeypatch) -> None:

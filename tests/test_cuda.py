@@ -20,8 +20,8 @@ from grcn_bench.benchmarks.store import ResultStore
 from grcn_bench.datasets import load_dataset
 from grcn_bench.datasets.base import RecDataset
 from grcn_bench.models import Recommender, available_models, get_model
-from grcn_bench.models.layers import sparse
-from grcn_bench.models.layers.sparse import CSRPattern, sddmm, segment_softmax, spmm
+from grcn_bench.models.ops import sparse
+from grcn_bench.models.ops.sparse import CSRPattern, sddmm, segment_softmax, spmm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,7 +16,7 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph, WordBags
 from grcn_bench.models import get_model
 from grcn_bench.models.grcn import GRCN
 from grcn_bench.models.layers.refine import RefinedPropagation, affinities, fuse, prune, route_prototypes
-from grcn_bench.models.layers.sparse import user_item_pattern
+from grcn_bench.models.ops import graph_pattern, user_item_pattern
 
 U, I, D = 3, 4, 8
 PAIRS = torch.tensor([[0, 0], [0, 1], [0, 3], [1, 1], [1, 2], [2, 0], [2, 2], [2, 3]])
@@ -614,3 +614,23 @@ def test_gradients_through_the_sparse_kernels_equal_the_dense_reference():
     for (name, _), got, want in zip(model.named_parameters(), fast, slow, strict=True):
         assert want.abs().sum() > 0, name
         torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_refined_propagation_fast_path_equals_the_reference_path():
+    pairs = torch.tensor([[0, 0], [0, 1], [0, 3], [1, 1], [1, 2], [2, 0], [2, 2], [2, 3], [3, 4]])
+    graph = InteractionGraph.from_pairs(pairs, 5, 6)  # user 4 and item 5 without edges
+    gen = torch.Generator().manual_seed(4)
+    layer = RefinedPropagation()
+    pattern = graph_pattern(graph)
+    for shape in ((), (2,)):
+        w = torch.randn(*shape, graph.num_edges, generator=gen, requires_grad=True)
+        x = torch.randn(*shape, graph.num_nodes, 3, generator=gen, requires_grad=True)
+        fast = layer(x, graph.edge_index, w, pattern=pattern)
+        slow = layer(x, graph.edge_index, w)
+        torch.testing.assert_close(fast, slow)
+        upstream = torch.randn(fast.shape, generator=gen)
+        for got, want in zip(torch.autograd.grad(fast, (w, x), upstream), torch.autograd.grad(slow, (w, x), upstream),
+                             strict=True):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="the pattern has"):
+        layer(torch.randn(3, 2), graph.edge_index, torch.randn(graph.num_edges), pattern=graph_pattern(graph))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
-from .dense import linear
+from ..ops import linear
 
 
 def xavier_linear(in_features: int, out_features: int, *, bias: bool = True) -> torch.nn.Linear:

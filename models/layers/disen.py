@@ -11,34 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
+from ..ops import CSRPattern, FieldLayer, RowSubset, l2_normalize, linear, sddmm, spmm
 from .content import reset_xavier, xavier_linear
-from .dense import RowSubset, linear
-from .edge_ops import l2_normalize
-from .field import FieldLayer, gather_columns, scatter_columns_
-from .sparse import CSRPattern, sddmm, spmm
 
 #: The channel projection's activation :math:`\sigma`: ReLU (the paper's experiments), LeakyReLU (slope 0.2), tanh,
 #: or none (the identity).
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
-
-
-class _ChannelSoftmaxAtGraphPositions(torch.autograd.Function):
-    """``torch.softmax(agreement, dim=0)`` for ``[K, n]`` agreements of some of a graph's ``E`` edges, computed at the
-    edges' positions in ``whole``, a ``[K, E]`` scratch tensor (written there; its other columns are left as they
-    are and do not matter): torch computes a few columns per thread on a scalar path whose ``exp`` can differ from
-    the vectorised one in the last bit, so the values are those of the whole graph's softmax only there. The
-    backward (multiplications and sums only, the same on either path) runs on the ``n`` columns."""
-
-    @staticmethod
-    def forward(ctx, agreement: Tensor, edges: Tensor, whole: Tensor) -> Tensor:
-        p = gather_columns(torch.softmax(scatter_columns_(whole, edges, agreement), dim=0), edges)
-        ctx.save_for_backward(p)
-        return p
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (p,) = ctx.saved_tensors
-        return torch._softmax_backward_data(grad.contiguous(), p, 0, p.dtype), None, None
 
 
 class NeighRoutingConv(MessagePassing):
@@ -75,15 +53,12 @@ class NeighRoutingConv(MessagePassing):
 
     Shapes:
         - **input:** node features ``[N, in]``, ``edge_index [2, E]`` (row 0 source, row 1 target), and optionally
-          ``pattern``, the graph's :func:`~.sparse.graph_pattern`: then each routing step runs as one sampled
-          product (the agreements, all channels at once) and one sparse product (the routed sums) with
-          channel-major operands ``[K, N, channel_dim]`` (:func:`~.sparse.sddmm`, :func:`~.sparse.spmm`; their
-          transposed products in the backward pass run pushed along the rows, one channel per thread), instead of
-          PyG's ``[E, K, channel_dim]`` gathers, which stay as the reference path. At Tiktok scale one training
-          batch of the 2-layer model measured about 5.5 s on 2 cores with a node-major channel pattern rebuilt at
-          every forward and a softmax over the last dimension of ``[E, K]``, about 3.5 s this way (before the
-          receptive field and the compiled kernels); about half of it was the 36 sparse products (forward and
-          backward) that the routing needs.
+          ``pattern``, the graph's ``graph_pattern``: then each routing step runs as one sampled product (the
+          agreements, all channels at once) and one sparse product (the routed sums) with channel-major operands
+          ``[K, N, channel_dim]`` (the ops ``sddmm`` and ``spmm``), instead of PyG's ``[E, K, channel_dim]``
+          gathers, which stay as the reference path. Or ``field``, a training batch's receptive-field layer
+          (``receptive_field(...).layer(l)``): ``x`` holds its input rows, the output its output rows, the same
+          routing over the field's pattern.
         - **output:** ``[N, K * channel_dim]`` (and, with ``return_probabilities``, ``p`` of the last iteration
           ``[E, K]`` in edge order, zeros when ``iterations`` is 0).
     """
@@ -110,8 +85,8 @@ class NeighRoutingConv(MessagePassing):
 
     def channels(self, x: Tensor, rows: RowSubset | None = None) -> Tensor:
         r"""``[N, K, channel_dim]``: the per-channel projections, :math:`\sigma` (``activation``), each channel
-        L2-normalised (``rows``: ``x`` holds these rows of the graph's nodes, :func:`~.dense.linear`). Every
-        activation is elementwise, so rows of ``x`` give those rows of the result."""
+        L2-normalised (``rows``: ``x`` holds these rows of the graph's nodes, the op ``linear``). Every activation
+        is elementwise, so rows of ``x`` give those rows of the result."""
         z = linear(x, self.lin.weight, self.lin.bias, rows=rows)
         if self.activation == "relu":
             z = F.relu(z, inplace=True)  # in place on a fresh product
@@ -132,10 +107,11 @@ class NeighRoutingConv(MessagePassing):
         return_probabilities: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if field is not None:
-            out, p = self._route_field(self.channels(x, field.input_rows), field)
-            return (out, p) if return_probabilities else out
-        z = self.channels(x)
-        if pattern is None:  # reference path: PyG gathers [E, K, channel_dim] per step
+            out, p = self._route(self.channels(x, field.input_rows), field.pattern, field.self_positions)
+        elif pattern is not None:
+            out, p = self._route(self.channels(x), pattern)
+        else:  # reference path: PyG gathers [E, K, channel_dim] per step
+            z = self.channels(x)
             c = z
             p = z.new_zeros(edge_index.size(1), self.num_channels)
             for _ in range(self.iterations):
@@ -143,63 +119,21 @@ class NeighRoutingConv(MessagePassing):
                 routed = self.propagate(edge_index, z=z, p=p)
                 c = F.normalize(z + routed, dim=-1)
             out = c.reshape(-1, self.num_channels * self.channel_dim)
-        else:
-            out, p = self._route_sparse(z, pattern)
         return (out, p) if return_probabilities else out
 
-    def _route_sparse(self, z: Tensor, pattern: CSRPattern) -> tuple[Tensor, Tensor]:
-        """The same sums as the reference path, channel-major: each step is one sampled product (the agreements,
-        ``[K, E]``) and one sparse product (the routed sum), channel by channel over the graph's pattern, with no
-        ``[E, K, channel_dim]`` tensor and no per-entry index arithmetic."""
+    def _route(self, z: Tensor, pattern: CSRPattern, self_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Algorithm 1's loop over ``pattern`` (rows: the targets; columns: the rows of ``z``, ``[N_in, K, d]``),
+        channel-major: per step one sampled product (the agreements, ``[K, nnz]``) and one sparse product (the
+        routed sums). ``self_positions``: the targets' rows in ``z`` (a receptive field's layer), else every row."""
         k, d = self.num_channels, self.channel_dim
-        z_k = z.transpose(0, 1).contiguous()  # [K, N, d]: channel k's nodes
-        z_products = z_k.view(k, -1, d)  # the products' operand, one view (see _route_field)
-        c = z_k
-        p = z.new_zeros(k, pattern.nnz) if self.iterations == 0 else None  # else the last iteration's
-        for _ in range(self.iterations):
-            agreement = sddmm(pattern, c.reshape(k, -1, d), z_products)  # [K, E]
-            if self.tau != 1.0:  # dividing by 1 changes nothing: skip an [K, E] pass
-                agreement = agreement / self.tau
-            p = torch.softmax(agreement, dim=0)  # over channels, per edge
-            routed = spmm(pattern, p, z_products)
-            c = l2_normalize(z_k + routed)
-        out = c.transpose(0, 1).reshape(-1, k * d)
-        return out, p.t()
-
-    def _route_field(self, z: Tensor, field: FieldLayer) -> tuple[Tensor, Tensor]:
-        """:meth:`_route_sparse` over a receptive field's layer (:mod:`.field`): ``z`` holds the input rows, the
-        output is the whole layer's at the output rows, gradients included, bit for bit.
-
-        - The softmax runs at the entries' positions in the whole graph's ``[K, E]``: torch computes a few columns
-          per thread on a scalar path whose ``exp`` can differ in the last bit
-          (:class:`_ChannelSoftmaxAtGraphPositions`).
-        - ``z_k`` (``[K, N, d]``) receives its gradients as in the whole layer, so that autograd adds them in the
-          same order: the targets' own channels are gathered once, and their node sums its uses' gradients in the
-          order in which the whole layer's ``z_k`` receives them; the products read ``z_k`` through one view whose
-          node sums theirs, as in the whole layer, and arrives last.
-
-        (The headed products, which gather a neighbour's row once for all channels, measured slower here: their
-        ``[nnz, K]`` weights need transposed copies of the channel-major softmax, and reading channel-major weights
-        in a transpose's order costs a cache miss per channel and entry.)
-        """
-        k, d = self.num_channels, self.channel_dim
-        pattern = field.pattern
         z_k = z.transpose(0, 1).contiguous()  # [K, N_in, d]: channel k's nodes
-        z_products = z_k.view(k, -1, d)
-        own_rows = (torch.arange(k, device=z.device).unsqueeze(1) * z_k.size(1) + field.self_positions).view(-1)
-        # The targets' own channels [K, R, d], through a view of z_k of their own, made after z_products: their uses'
-        # gradients add up here in the order in which they reach z_k in the whole layer, ahead of the products'.
-        # (Rows of the flat view: its backward scatters rows, several times as fast as one along the middle dimension.)
-        own = z_k.view(-1, d).index_select(0, own_rows).view(k, -1, d)
+        own = z_k if self_positions is None else z_k.index_select(1, self_positions)  # z_u,k of the targets
         c = own
         p = z.new_zeros(k, pattern.nnz) if self.iterations == 0 else None  # else the last iteration's
-        whole = z.new_zeros(k, field.num_edges)  # the softmax's scratch, shared by the iterations
         for _ in range(self.iterations):
-            agreement = sddmm(pattern, c.reshape(k, -1, d), z_products)  # [K, nnz]
-            if self.tau != 1.0:
-                agreement = agreement / self.tau
-            p = _ChannelSoftmaxAtGraphPositions.apply(agreement, field.edges, whole)
-            routed = spmm(pattern, p, z_products)
+            agreement = sddmm(pattern, c, z_k)  # [K, nnz]: z_j,k . c_u,k
+            p = torch.softmax(agreement / self.tau, dim=0)  # over channels, per edge
+            routed = spmm(pattern, p, z_k)  # sum_j p_j,k z_j,k
             c = l2_normalize(own + routed)
         out = c.transpose(0, 1).reshape(-1, k * d)
         return out, p.t()

@@ -1,16 +1,15 @@
 r"""Fast paths of the PyG layers that the baselines use, over the CSR structure of an
 :class:`~grcn_bench.datasets.base.InteractionGraph`: the same arithmetic as the PyG ``forward`` they replace, with
-propagations that run as CSR products (:mod:`.sparse`) whose backward passes reuse the graph's own transpose, where
-PyG gathers and scatters one message per edge (at Tiktok scale, 1.1 M directed edges, that is most of a batch).
+propagations that run as CSR products (:mod:`grcn_bench.models.ops`) whose backward passes reuse the graph's own
+transpose, where PyG gathers and scatters one message per edge (at Tiktok scale, 1.1 M directed edges, that is most
+of a batch).
 
 - :class:`CSRSAGEConv`: :class:`~torch_geometric.nn.SAGEConv` (Hamilton et al., NeurIPS 2017, Algorithm 1) whose
   forward also takes the graph; the neighbour mean is :func:`mean_aggregate`.
 - :class:`CSRGATConv`: :class:`~torch_geometric.nn.GATConv` (Veličković et al., ICLR 2018, Eqs. 1-5) whose forward
   also takes the graph, meaning its edges plus one self-loop per node; the softmax runs over CSR segments with the
   self-loop apart (:class:`SelfLoopSoftmax`, logits by :class:`EdgeScoreSum`) and the heads aggregate as one
-  headed product (:func:`~.sparse.headed_spmm`).
-- :func:`l2_normalize`: ``F.normalize(x, dim=-1)`` with a one-pass backward (DisenGCN normalises every channel
-  at every routing step).
+  headed product (the op ``headed_spmm``).
 
 Both layer classes are the PyG classes with one more accepted input: same constructor, parameters and state dict,
 and PyG's own forward for an ``edge_index`` (the reference path the tests compare with).
@@ -26,8 +25,7 @@ from torch_geometric.nn import GATConv, SAGEConv
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .dense import linear
-from .sparse import CSRPattern, graph_pattern, headed_spmm, segment_broadcast, segment_reduce, spmm
+from ..ops import CSRPattern, graph_pattern, headed_spmm, linear, segment_broadcast, segment_reduce, spmm
 
 
 def mean_aggregate(pattern: CSRPattern, x: Tensor, degree: Tensor) -> Tensor:
@@ -39,40 +37,12 @@ def mean_aggregate(pattern: CSRPattern, x: Tensor, degree: Tensor) -> Tensor:
     reuses ``pattern``'s transpose where torch's own rebuilds it at every call.
 
     Args:
-        pattern: the ``[R, C]`` pattern, e.g. :func:`~.sparse.graph_pattern` of the graph.
+        pattern: the ``[R, C]`` pattern, e.g. ``graph_pattern`` of the graph.
         x: ``[C, d]`` neighbour features.
         degree: ``[R]`` number of entries of each row (``graph.degree()``).
     """
     total = spmm(pattern, x.new_ones(pattern.nnz), x)
     return total / degree.clamp(min=1).to(x.dtype).unsqueeze(-1)
-
-
-class _L2Normalize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, eps: float) -> Tensor:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        scale = norm.clamp_min(eps).reciprocal_()
-        out = x * scale
-        ctx.save_for_backward(out, scale, norm > eps)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        out, scale, unclamped = ctx.saved_tensors
-        # d(x/|x|) = (g - y (y . g)) / |x|; where the norm was clamped to eps the map is x/eps, whose derivative is
-        # g/eps: the projection term drops out there.
-        dot = (out * grad).sum(dim=-1, keepdim=True).mul_(unclamped)
-        return (grad - out * dot).mul_(scale), None
-
-
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    r""":math:`\mathbf{x} / \max(\lVert \mathbf{x} \rVert_2, \epsilon)` over the last dimension: the value of
-    ``F.normalize(x, dim=-1, eps=eps)`` (up to round-off: a product with the reciprocal, not a division), with the
-    backward :math:`(\mathbf{g} - \mathbf{y}(\mathbf{y}^\top\mathbf{g})) / \lVert\mathbf{x}\rVert` in one
-    pass where autograd would differentiate the norm, the clamp and the division apart (about a third of the
-    elementwise passes)."""
-    return _L2Normalize.apply(x, eps)
 
 
 class CSRSAGEConv(SAGEConv):
@@ -188,7 +158,7 @@ class CSRGATConv(GATConv):
     then the heads concatenated (or averaged) plus the bias, as PyG does. Given the graph, the node scores of all
     heads are one product with :func:`attention_matrix`, the softmax runs over CSR segments with the self-loop apart
     (:class:`SelfLoopSoftmax`) and the weighted sum is a sparse product plus the self term (all heads in one pass,
-    :func:`~.sparse.headed_spmm`), where PyG gathers and scatters ``[E + N, H, C]`` messages.
+    the op ``headed_spmm``), where PyG gathers and scatters ``[E + N, H, C]`` messages.
     Values can differ in float round-off only (the order of the terms of the attention logits and of the weighted
     sums). With the graph, the layer must have ``add_self_loops=False`` (the self-loops are the graph input's), one
     shared input projection, no edge features and no residual (``ValueError`` otherwise); any other input is PyG's

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
+from ..ops import CSRPattern, RowSubset, linear, spmm
 from .content import reset_xavier, xavier_linear
-from .dense import RowSubset, linear
-from .sparse import CSRPattern, spmm
 
 
 def mean_weights(edge_index: Tensor, degree: Tensor) -> Tensor:
@@ -45,12 +44,12 @@ class AggregateCombineConv(MessagePassing):
 
     Shapes:
         - **input:** ``x [N, in]``, ``id_embedding [N, out]``, ``edge_index [2, E]`` (row 0 source, row 1 target),
-          and optionally the graph's :func:`~.sparse.graph_pattern` with ``mean_weight [E]``
-          (:func:`mean_weights`): then the mean runs as one CSR product (:func:`~.sparse.spmm`) instead of PyG's
-          gather and scatter-mean, which stays as the reference path.
-        - **receptive field** (:mod:`.field`): with ``pattern`` restricted to some rows (its columns: the rows of
-          ``x``), ``x_self`` (those rows' own inputs), ``id_embedding`` at those rows and ``rows`` (their ids in the
-          whole graph), the output is the whole layer's at those rows, bit for bit, with the same gradients.
+          and optionally the graph's ``graph_pattern`` with ``mean_weight [E]`` (:func:`mean_weights`): then the mean
+          runs as one CSR product (the op ``spmm``) instead of PyG's gather and scatter-mean, which stays as the
+          reference path.
+        - **receptive field** (the op ``receptive_field``): with ``pattern`` restricted to some rows (its columns:
+          the rows of ``x``), ``x_self`` (those rows' own inputs), ``id_embedding`` at those rows and ``rows`` (their
+          ids in the whole graph), the output is the whole layer's at those rows, with the same gradients.
         - **output:** ``[N, out]`` (or ``[len(rows), out]``).
     """
 
@@ -88,7 +87,7 @@ class AggregateCombineConv(MessagePassing):
         slope = self.negative_slope
         # In-place activations act on fresh products whose backward does not read them: the same values, one
         # [N, out] allocation fewer each.
-        # dense.linear: F.linear's values and gradients, bit for bit, from a faster product on CPU.
+        # ops.linear: F.linear's values and gradients.
         h = F.leaky_relu(linear(mean, self.aggregate_lin.weight, rows=rows), slope, inplace=True)
         x_hat = F.leaky_relu(linear(x_self, self.self_lin.weight, self.self_lin.bias, rows=rows), slope, inplace=True)
         x_hat = x_hat + id_embedding

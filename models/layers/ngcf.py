@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
+from ..ops import CSRPattern, linear, spmm
 from .content import reset_xavier, xavier_linear
-from .dense import linear
-from .sparse import CSRPattern, spmm
 
 
 def symmetric_norm(edge_index: Tensor, degree: Tensor) -> Tensor:
@@ -50,8 +49,8 @@ class BiInteractionConv(MessagePassing):
 
     Shapes:
         - **input:** node features ``[N, in]``, ``edge_index [2, E]`` (row 0 source, row 1 target), ``norm [E]``
-          in edge order, and optionally ``pattern``, the graph's :func:`~.sparse.graph_pattern`: then the
-          propagation runs as one CSR product (:func:`~.sparse.spmm`, forward and backward) instead of PyG's
+          in edge order, and optionally ``pattern``, the graph's ``graph_pattern``: then the
+          propagation runs as one CSR product (the op ``spmm``, forward and backward) instead of PyG's
           ``[E, d]`` gather and scatter, which stays as the reference path.
         - **output:** ``[N, out]``.
     """

@@ -12,17 +12,15 @@ Small pure functions, one per step, so that each equation can be tested on its o
 
 Conventions. Modalities are stacked on dimension 0 (modality-major): item content is ``[M, I, d]``, user prototypes
 ``[M, U, d]``, per-modality edge scores ``[M, 2E]``, so every modality is handled by the same tensor operation and
-each modality's block is contiguous (the sparse products run one modality at a time, :mod:`~.sparse`). Edges follow
+each modality's block is contiguous (the sparse products run one modality at a time). Edges follow
 :class:`~grcn_bench.datasets.base.InteractionGraph`: sorted by target, users before items, so the first ``E``
 directed edges are exactly the ``item -> user`` edges (CSR rows ``0..U-1``) and the last ``E`` the
 ``user -> item`` edges. Neighbourhood softmaxes are segment softmaxes over the CSR row pointer (``ptr``).
 
-Speed. Per-edge dot products (the logits of Eqs. 2 and 5) and weighted neighbourhood sums (Eqs. 3 and 8) run through
-:func:`~.sparse.sddmm` and :func:`~.sparse.spmm`, whose backward passes are each other and reuse the graph's index
-structures; nothing of size ``[E, M, d]`` is ever materialised. Each product runs once per modality on that
-modality's contiguous block (modality-major tensors). At Tiktok scale, gathering and scattering ``[E, d]`` rows
-instead is many times slower and needs more than twice the memory (docs/performance.md).
-:class:`RefinedPropagation` keeps PyG's gather and scatter as the reference path.
+Ops. Per-edge dot products (the logits of Eqs. 2 and 5) and weighted neighbourhood sums (Eqs. 3 and 8) are the ops
+``sddmm`` and ``spmm`` over the graph's CSR pattern (:mod:`grcn_bench.models.ops`); one routing iteration (Eqs. 2-3)
+is the op ``routing_step``. Nothing of size ``[E, M, d]`` is ever materialised. :class:`RefinedPropagation` keeps
+PyG's gather and scatter as the reference path.
 """
 
 from __future__ import annotations
@@ -32,40 +30,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch_geometric.nn import MessagePassing
 
 from grcn_bench.datasets.base import InteractionGraph
 
-from .sparse import CSRPattern, routing_step, sddmm, segment_softmax, spmm, stacked_rowptr, user_item_pattern
+from ..ops import (
+    CSRPattern,
+    l2_normalize,
+    routing_step,
+    sddmm,
+    segment_softmax,
+    spmm,
+    stacked_rowptr,
+    user_item_pattern,
+)
 
 Fusion = Literal["max_base", "max", "mean"]
 Pruning = Literal["soft", "hard"]
-
-
-class _Normalize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, eps: float) -> Tensor:
-        # The same operations as F.normalize(x, dim=-1, eps=eps): the values are bit for bit F.normalize's.
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        scale = norm.clamp_min(eps)
-        out = x / scale
-        ctx.save_for_backward(out, scale, norm >= eps)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        out, scale, unclamped = ctx.saved_tensors
-        # d(x / |x|) = (g - y (g . y)) / |x|; where the norm was clamped at eps the scale is a constant.
-        radial = torch.linalg.vecdot(grad, out, dim=-1).unsqueeze(-1).masked_fill_(~unclamped, 0.0)
-        return torch.addcmul(grad, out, radial, value=-1.0).div_(scale), None
-
-
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """``F.normalize(x, dim=-1)`` (the same values) with a fused backward: one pass instead of autograd's five; GRCN
-    normalises tensors of ``[I, M, d]`` and ``[U, M, d]`` several times per step (Eqs. 1, 3, 9)."""
-    return _Normalize.apply(x, eps)
 
 
 def route_prototypes(
@@ -111,20 +92,10 @@ def route_prototypes(
         return prototypes
     if pattern is None:  # A[u, i]: the E item -> user edges, grouped by user
         pattern = user_item_pattern(graph)
-    # Logits and weights are [M, E], flattened: each (modality, user) neighbourhood is one contiguous segment.
-    segments = stacked_rowptr(pattern.rowptr.long(), item_content.size(0))  # int64: M * E may pass 2**31
-    # One view for the whole loop, so that its gradients are summed before they meet the content's other uses (the
-    # summation order of the results pinned in tests/test_perf.py).
-    items = item_content.view(item_content.shape)
     for _ in range(iterations):
-        # The three operations below in one compiled pass over each user's items where it runs, with their bits and
-        # their gradients' (sparse.routing_step).
-        pulled = routing_step(pattern, prototypes, items)
-        if pulled is None:
-            logits = sddmm(pattern, prototypes, items)  # [M, E]: i_m . u_(t-1) per modality and edge
-            p = segment_softmax(logits.view(-1), segments).view_as(logits)
-            pulled = spmm(pattern, p, items)  # [M, U, d]
-        prototypes = l2_normalize(prototypes + pulled)
+        # sum over i in N(u) of p_ui i_m, with p_ui = softmax over N(u) of i_m . u_(t-1), per modality: [M, U, d]
+        pulled = routing_step(pattern, prototypes, item_content)
+        prototypes = l2_normalize(prototypes + pulled)  # normalised after every iteration (below Eq. 3)
     return prototypes
 
 
@@ -210,7 +181,7 @@ class RefinedPropagation(MessagePassing):
     release's one-hop content readout).
 
     Given the graph's CSR pattern (``pattern=graph_pattern(graph)``, whose entries are the graph's edges in order),
-    the hop runs as a sparse-dense product (:func:`~.sparse.spmm`, the fast path); without it, as PyG's gather and
+    the hop runs as a sparse-dense product (the op ``spmm``, the fast path); without it, as PyG's gather and
     scatter over ``edge_index`` (the reference path, any edge order; one pass per modality).
 
     Shapes:

@@ -14,8 +14,6 @@
  * segment apply: out[k, :] = src[k, :] - values[s, :] (or /) for the rows k of segment s.
  * dot scores: out[r, j] = users[r, :] . items[j, :] for full-ranking evaluation, with the maximum of every group of
  *        32 consecutive items (dot_scores, below).
- * columns: whole[r, index[c]] = part[r, c] (scatter) or part[r, c] = whole[r, index[c]] (gather), copies between a
- *        receptive field's entries and their positions in the whole graph.
  * pushed spmm: the transposed product out[c, :] = sum over column c's entries of w_k x[r_k, :], computed by walking
  *        the forward's rows (spmm_pushed, below); and a sampled product's two gradients in one such walk
  *        (sddmm_backward_pushed, below).
@@ -539,7 +537,7 @@ void grcn_bench_segment_apply_f32(const int64_t *offsets, const float *src, cons
  * 0, the chains added in order. Each score is summed on its own, so a user's scores do not depend on the other users
  * of its batch (numpy's BLAS gave some the same user's scores different last bits in batches of different sizes).
  *
- * items are packed once per evaluation as [panels, depth, 16] (pack_score_items in native.py: item j is column j % 16
+ * items are packed once per evaluation as [panels, depth, 16] (pack_score_items in scores.py: item j is column j % 16
  * of panel j / 16; panels is even, the padding items zero), so a 6 x 16 tile reads its items along k like gemm_tile.
  * Threads take SCORE_CHUNK panels at a time (256 KB of items at depth 64) and score every user against them; the
  * scores go to out [rows, ldo] (ldo >= panels * 16: the padding items' scores land in the columns past the
@@ -639,40 +637,14 @@ void grcn_bench_dot_scores_f32(const float *users, int64_t ldu, const float *ite
   if (job.stream) _mm_sfence(); /* the streamed scores are visible to whoever reads them next */
 }
 
-/* columns: copies between part [rows, cols] and the columns index[0..cols) of whole [rows, whole_cols], both
- * contiguous: scatter writes whole[r, index[c]] = part[r, c], gather part[r, c] = whole[r, index[c]]. Threads take
- * COLUMN_CHUNK columns at a time, all rows. Returns 1, having copied nothing, when an index lies outside whole. */
-#define COLUMN_CHUNK 4096
-
-int grcn_bench_columns_f32(float *whole, float *part, const int64_t *index, int64_t rows, int64_t whole_cols,
-                           int64_t cols, int scatter, int threads) {
-  if (threads < 1) threads = 1;
-  int outside = 0;
-#pragma omp parallel for num_threads(threads) reduction(| : outside)
-  for (int64_t c = 0; c < cols; ++c) outside |= index[c] < 0 || index[c] >= whole_cols;
-  if (outside) return 1;
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
-  for (int64_t start = 0; start < cols; start += COLUMN_CHUNK) {
-    const int64_t stop = start + COLUMN_CHUNK < cols ? start + COLUMN_CHUNK : cols;
-    for (int64_t r = 0; r < rows; ++r) {
-      float *w = whole + r * whole_cols, *p = part + r * cols;
-      if (scatter)
-        for (int64_t c = start; c < stop; ++c) w[index[c]] = p[c];
-      else
-        for (int64_t c = start; c < stop; ++c) p[c] = w[index[c]];
-    }
-  }
-  return 0;
-}
-
 /* route step: one iteration of GRCN's prototype routing for one modality, the three operations of
- * refine.route_prototypes in one pass over each row r (a user) of the pattern:
+ * ops.routing_step in one pass over each row r (a user) of the pattern:
  *   logits[k] = a[r] . b[col[k]]                       (sddmm's sum, above)
  *   p[k]      = exp(logits[k] - m) / (sum + 1e-16)     (segment_softmax: m the row's max (0 when infinite), torch's
  *                                                       NaN rule; exp by `exp_rows`, the function torch's exp calls;
  *                                                       the sum in order from 0)
  *   pulled[r] = sum over k of p[k] b[col[k]]           (spmm's sum, above)
- * with the bits of those three, so their autograd nodes take these results unchanged (sparse.py). Each entry's row
+ * with the bits of those three, so their autograd nodes take these results unchanged (routing.py). Each entry's row
  * of b is gathered once for both sums: the second reads it from cache. width is a multiple of 8, at most 64. */
 typedef void (*exp_rows_fn)(int n, const float *in, float *out);
 

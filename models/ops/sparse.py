@@ -20,20 +20,18 @@ Each is the other's backward:
     \mathbf{a}_{r_k}
 
 so a forward and its backward never materialise an ``[nnz, d]`` tensor: both run as CSR sparse-dense products
-(``torch.sparse.mm``) and sampled products (``torch.sparse.sampled_addmm``), on CPU several times cheaper than
-gather, multiply and scatter at Tiktok scale, and on x86-64 CPUs as the compiled kernels of
-:mod:`.native`, which compute the same sums 2.5-3x faster. torch's own backward of a CSR product rebuilds the
-transpose by sorting at every call; :class:`CSRPattern` carries the transpose's structure and the permutation that
-maps its entries to the forward's (for :class:`~grcn_bench.datasets.base.InteractionGraph` the pattern is symmetric
-and the permutation is ``reverse_edge``: no sorting at all).
+(``torch.sparse.mm``) and sampled products (``torch.sparse.sampled_addmm``) instead of gather, multiply and scatter,
+and on x86-64 CPUs as the compiled kernels of :mod:`.native`, which compute the same sums. torch's own backward of a
+CSR product rebuilds the transpose by sorting at every call; :class:`CSRPattern` carries the transpose's structure
+and the permutation that maps its entries to the forward's (for :class:`~grcn_bench.datasets.base.InteractionGraph`
+the pattern is symmetric and the permutation is ``reverse_edge``: no sorting at all).
 
 Several channels at once: weights ``[M, nnz]`` with features ``[M, C, d]`` apply channel ``m``'s weights to channel
 ``m``'s features over the same pattern (GRCN's modalities), channel-major so that each channel's operands are
-contiguous blocks. Large channels run as one product each: on Tiktok's user-item pattern (3 channels of 64) that
-measured up to 2x faster for the transposed product than one product over the block-diagonal pattern of all channels,
-whose dense operand is three times as large and no longer fits in cache. Small ones (all channels under
-:data:`STACK_BELOW_BYTES`) run as one product over that stacked pattern, where the cost of each call dominates (about
-10 % of a GRCN epoch on the 1,000-user presets). Both give the same bits.
+contiguous blocks. Large channels run as one product each, whose dense operand stays small enough for the cache
+(one product over the block-diagonal pattern of all channels has an operand as large as all of them). Small ones
+(all channels under :data:`STACK_BELOW_BYTES`) run as one product over that stacked pattern, where the fixed cost of
+each call dominates. Both give the same bits.
 
 Shapes (``R`` rows, ``C`` columns, ``nnz`` stored entries, optional leading ``M`` channels):
 
@@ -58,11 +56,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .native import (
-    ROUTE_MAX_WIDTH,
-    native_kernels,
-    route_step_status,
-    run_route_step,
-    run_route_step_backward,
+    family_status,
     run_sddmm,
     run_sddmm_backward_pushed,
     run_segment_apply,
@@ -72,8 +66,8 @@ from .native import (
 )
 
 __all__ = [
-    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "routing_step", "sddmm", "segment_broadcast",
-    "segment_reduce", "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr",
+    "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_broadcast", "segment_reduce",
+    "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr", "transposed_spmm",
     "user_item_pattern",
 ]
 
@@ -259,9 +253,7 @@ def stack_pattern(pattern: CSRPattern, copies: int) -> CSRPattern:
 
     With it, ``M`` channels of a propagation run as one :func:`spmm` / :func:`sddmm`: values
     ``[M, nnz]`` and features ``[M, C, d]``, both flattened over their first two dimensions. The arrays are
-    ``pattern``'s own plus an offset per copy, so building it costs a few copies of the index arrays. For narrow
-    channels (4 of 16, 8 of 8) at Tiktok scale one product over the stack measured up to 1.3x faster than one product
-    per channel (:func:`spmm` with ``[M, nnz]`` values), for GRCN's 3 channels of 64 up to 2x slower. Where the
+    ``pattern``'s own plus an offset per copy, so building it costs a few copies of the index arrays. Where the
     compiled kernels run, :func:`headed_spmm` and :func:`headed_sddmm` compute the same sums without it.
     """
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
@@ -303,7 +295,7 @@ def _mkl_product(x: Tensor, rowptr: Tensor) -> bool:
 def _writes_every_row(x: Tensor, rowptr: Tensor) -> bool:
     """Whether the product of :func:`_spmm_raw` writes every output row itself (MKL's or the compiled kernel), so
     that the output needs no zero fill."""
-    compiled = native_kernels() is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    compiled = family_status("sparse") == "native" and x.dtype == torch.float32 and x.device.type == "cpu"
     return _mkl_product(x, rowptr) or compiled and rowptr.dtype == torch.int32
 
 
@@ -385,6 +377,12 @@ def _transposed_spmm_raw(pattern: CSRPattern, values: Tensor, x: Tensor, headed:
             return out
     spmm_raw, _ = _kernels(headed)
     return spmm_raw(pattern.t_rowptr, pattern.t_col, values, x, pattern.num_cols, pattern.t_perm)
+
+
+def transposed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
+    """``A^T x`` with ``A``'s weights ``values`` (``[nnz]`` or channel-major ``[M, nnz]``), outside autograd: the
+    backward of a product to its features, for the ops' own backward passes (:mod:`.routing`)."""
+    return _transposed_spmm_raw(pattern, values, x, False)
 
 
 class _SpMM(torch.autograd.Function):
@@ -482,43 +480,6 @@ class _SegmentSoftmax(torch.autograd.Function):
         return segment_broadcast(grad, ptr, dot, "sub").mul_(out), None
 
 
-class _RoutingStep(torch.autograd.Function):
-    """:func:`routing_step` as one autograd node: the compiled forward pass and the row-local part of the backward
-    pass, each one pass over every row, with the bits of :func:`sddmm`, :func:`segment_softmax` and :func:`spmm`
-    applied one after the other. ``b`` comes twice, as the product's operand and as the sampled product's, so that
-    its two gradients reach it in the order in which the three nodes' backward passes would deliver them (the
-    product's first)."""
-
-    @staticmethod
-    def forward(ctx, pattern: CSRPattern, a: Tensor, b_product: Tensor, b_sampled: Tensor) -> Tensor:
-        channels, nnz = a.size(0), pattern.nnz
-        logits, p, pulled = a.new_empty(channels, nnz), a.new_empty(channels, nnz), a.new_empty(a.shape)
-        for m in range(channels):
-            _ran(run_route_step(pattern.rowptr, pattern.col, a[m], b_product[m], logits[m], p[m], pulled[m]))
-        ctx.pattern = pattern
-        ctx.save_for_backward(a, b_product, p)
-        return pulled
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, Tensor, Tensor]:
-        pattern: CSRPattern = ctx.pattern
-        a, b, p = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_logits, grad_a = p.new_empty(p.shape), a.new_empty(a.shape)
-        for m in range(a.size(0)):
-            _ran(run_route_step_backward(pattern.rowptr, pattern.col, b[m], p[m], grad[m], grad_logits[m], grad_a[m]))
-        # dL/db: the product's A^T (p) dL/dpulled, then the sampled product's A^T (dL/dlogits) a, as in their nodes.
-        grad_b_product = _transposed_spmm_raw(pattern, p, grad, False)
-        grad_b_sampled = _transposed_spmm_raw(pattern, grad_logits, a, False)
-        return None, grad_a, grad_b_product, grad_b_sampled
-
-
-def _ran(ran: bool) -> None:
-    if not ran:
-        raise RuntimeError("the compiled routing step refused operands that routing_step accepted")
-
-
 # --------------------------------------------------------------------------------------------------------- public
 
 
@@ -534,24 +495,6 @@ def segment_softmax(src: Tensor, ptr: Tensor) -> Tensor:
     if ptr.dim() != 1 or ptr.numel() < 1 or int(ptr[-1]) != src.size(0) or int(ptr[0]) != 0:
         raise ValueError(f"segment_softmax: ptr must run from 0 to {src.size(0)}, got {ptr.numel()} entries")
     return _SegmentSoftmax.apply(src, ptr)
-
-
-
-def routing_step(pattern: CSRPattern, a: Tensor, b: Tensor) -> Tensor | None:
-    """``spmm(pattern, p, b)`` with ``p`` the softmax over every row's entries (:func:`segment_softmax`, per channel)
-    of ``sddmm(pattern, a, b)``, for channel-major ``a [M, R, d]`` and ``b [M, C, d]``: one iteration of GRCN's
-    prototype routing (:func:`~.refine.route_prototypes`). Computed by the compiled kernels in one pass over each
-    row forward (each row of ``b`` gathered once for both sums) and one backward (:func:`~.native.run_route_step`),
-    with the bits of the three operations and of their gradients; ``None`` where those kernels do not run (then
-    apply the three)."""
-    fits = (
-        a.dim() == 3 and b.dim() == 3 and a.size(0) == b.size(0) and a.size(1) == pattern.num_rows
-        and b.size(1) == pattern.num_cols and a.size(2) == b.size(2) and a.is_contiguous() and b.is_contiguous()
-        and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
-        and pattern.rowptr.dtype == torch.int32 and a.size(2) % 8 == 0 and 0 < a.size(2) <= ROUTE_MAX_WIDTH
-        and native_kernels() is not None and route_step_status() == "native"
-    )
-    return _RoutingStep.apply(pattern, a, b, b) if fits else None
 
 
 def spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
@@ -592,7 +535,7 @@ def _compiled_heads(pattern: CSRPattern, *tensors: Tensor) -> bool:
     """Whether the compiled kernels take these operands of a headed product (float32 CPU, int32 indices, a head width
     that is a multiple of 8)."""
     return (
-        native_kernels() is not None
+        family_status("sparse") == "native"
         and pattern.rowptr.dtype == torch.int32 and pattern.col.dtype == torch.int32
         and pattern.t_rowptr.dtype == torch.int32 and pattern.t_col.dtype == torch.int32
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
@@ -606,8 +549,8 @@ def headed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
     channels).
 
     ``values [nnz, H]``, ``x [C, H, d]`` → ``[R, H, d]``; differentiable in both. The sums are those of one
-    :func:`spmm` per head, bit for bit; the compiled kernels gather each row once for all heads (2-3x faster than one
-    product over :func:`stack_pattern`'s block pattern with its transposes, at Tiktok scale), and where they cannot
+    :func:`spmm` per head, bit for bit; the compiled kernels gather each row once for all heads (where one product
+    over :func:`stack_pattern`'s block pattern gathers it once per head), and where they cannot
     run (or the head width is not a multiple of 8) it is that block product, whose result may be a non-contiguous
     view.
     """

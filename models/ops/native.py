@@ -1,10 +1,14 @@
-r"""Compiled CPU kernels for the sparse products and segment reductions of :mod:`.sparse` and the dense products of
-:mod:`.dense`: the same sums, faster.
+r"""Compiled CPU kernels for the sparse products and segment reductions of :mod:`.sparse`, the dense products of
+:mod:`.dense`, the evaluator's ranking scores and GRCN's fused routing step (:mod:`.routing`): the same sums as
+torch's kernels, computed with fewer waits on memory (docs/kernels.md).
+
+This module is the ops layer's only contact with the compiled library; models never call it (they call
+:mod:`grcn_bench.models.ops`). Every ``run_*`` function computes its result into given tensors and returns ``True``,
+or writes nothing and returns ``False`` when the kernels cannot take the operands (the caller then runs torch's).
 
 On CPU both sparse products spend their time gathering one row of features per stored entry. MKL's CSR product and
 torch's sampled product (the kernels :mod:`.sparse` calls otherwise) wait for each row in turn; ``kernels.c`` asks for
-each row 16 entries ahead. On Tiktok's full-scale patterns (577k user-item entries, 64-d rows) that measured 2.5-3x
-faster for the product, its transpose and the sampled product, on the 1.1 M-entry graph pattern likewise.
+each row 16 entries ahead (docs/performance.md has the measurements).
 
 They compute the same sums in the same order, so results keep every bit (tests compare against torch and against an
 independent order-exact reference):
@@ -22,8 +26,8 @@ independent order-exact reference):
   ``repeat_interleave`` copy (:func:`run_segment_apply`);
 - dense products (:func:`run_gemm`, for the layers' linear maps): one fused multiply-add chain per output element,
   which is how MKL sums products up to 192 deep on this project's machines; and their weight gradients
-  (:func:`run_gemm_tn`): one chain per block of 192 rows, the blocks added in order, as MKL sums them. Register
-  tiles run them 1.3-1.4x as fast as MKL there. Since MKL's order depends on the CPU, the first call compares the two
+  (:func:`run_gemm_tn`): one chain per block of 192 rows, the blocks added in order, as MKL sums them, in register
+  tiles. Since MKL's order depends on the CPU, the first call compares the two
   on a few products shaped as the layers' and keeps torch's where any bit differs (:func:`dense_products_status`);
 - full-ranking scores (:func:`run_dot_scores`, for the evaluator): ``user @ item.T`` with ``torch.mm``'s sums (one
   chain up to 192 deep, two halves up to 383, chains of 192 from there, the chains added in order), with the maximum
@@ -31,9 +35,8 @@ independent order-exact reference):
   (:func:`dot_scores_status`);
 - GRCN's routing step (:func:`run_route_step`): its sampled product, softmax over each user's items and product in
   one pass over each user's items, with those three operations' bits (the exponential is MKL's ``vsExp``, which
-  ``torch.exp`` calls: looked up in torch's own library); compared with them on first use (:func:`route_step_status`);
-- column copies (:func:`run_column_copy`): ``index_copy_`` and ``index_select`` along the columns, between a
-  receptive field's entries and their whole-graph positions (:func:`~.field.scatter_columns_`).
+  ``torch.exp`` calls: looked up in torch's own library); compared with them on first use (:mod:`.routing`, which
+  owns the unfused operations).
 
 The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
 torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
@@ -44,7 +47,18 @@ The source is built on first use with the system C compiler (``$CC``, else ``cc`
 flags, written atomically so that parallel workers can race to build it; then loaded with :mod:`ctypes` (which
 releases the GIL while a kernel runs). No build step and no new dependency. They run for float32 CPU tensors with
 int32 indices on x86-64 CPUs with AVX2. Anywhere else, when no compiler works, or with ``GRCN_BENCH_KERNELS=torch``,
-:mod:`.sparse` runs torch's kernels; :func:`kernel_status` says which, and why.
+the ops run torch's kernels; :func:`kernel_status` says which, and why.
+
+Families. ``GRCN_BENCH_KERNELS`` is ``native`` (the default), ``torch``, or ``native`` with families switched off,
+``native,-dense,-scores`` say (:func:`parse_kernels`), so that each family can be measured against torch's path:
+
+- ``sparse``: the sparse products (plain, headed, pushed) and the segment operations;
+- ``dense``: the dense products of :func:`~.dense.linear`;
+- ``scores``: the evaluator's ranking scores (numpy's BLAS otherwise);
+- ``routing``: GRCN's fused routing step (the three unfused operations otherwise).
+
+A family whose results depend on the CPU registers a check (:func:`register_check`) that runs once, on first use,
+and keeps torch's path where it fails; :func:`family_status` says what a family runs and why.
 """
 
 from __future__ import annotations
@@ -59,18 +73,18 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "ROUTE_MAX_WIDTH", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_status", "forget_loaded",
-    "gemm_tn_depth_fits", "kernel_status", "native_kernels", "pack_score_items", "route_step_status",
-    "run_column_copy", "run_dot_scores", "run_gemm", "run_gemm_tn", "run_route_step", "run_route_step_backward",
-    "run_sddmm", "run_sddmm_backward_pushed", "run_segment_apply", "run_segment_reduce", "run_spmm",
-    "run_spmm_pushed", "score_chain", "use_kernels",
+    "FAMILIES", "ROUTE_MAX_WIDTH", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_apply",
+    "dot_scores_status", "family_status", "forget_loaded", "gemm_tn_depth_fits", "kernel_status", "native_kernels",
+    "pack_score_items", "parse_kernels", "register_check", "run_dot_scores", "run_gemm", "run_gemm_tn",
+    "route_step_status", "run_route_step", "run_route_step_backward", "run_sddmm", "run_sddmm_backward_pushed",
+    "run_segment_apply", "run_segment_reduce", "run_spmm", "run_spmm_pushed", "score_chain", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,12 +105,37 @@ def cache_dir() -> Path:
     return Path(base) / "grcn-bench"
 
 
+#: The families ``GRCN_BENCH_KERNELS`` switches one by one, and what runs instead when one is off (module docstring).
+FAMILIES: dict[str, str] = {
+    "sparse": "sparse products: torch's",
+    "dense": "dense products: torch's",
+    "scores": "ranking scores: numpy's",
+    "routing": "GRCN's routing: unfused",
+}
+
+
+def parse_kernels(value: str) -> frozenset[str]:
+    """The families that may run compiled for a ``GRCN_BENCH_KERNELS`` value: every one for ``"native"``, none for
+    ``"torch"``, all but the listed ones for ``"native,-family,..."`` (families: :data:`FAMILIES`). Case and spaces
+    do not matter; anything else is a ``ValueError``."""
+    parts = [part.strip().lower() for part in value.split(",")]
+    off = [part[1:] for part in parts[1:] if part.startswith("-")]
+    if parts == ["torch"]:
+        return frozenset()
+    if parts[0] != "native" or len(off) != len(parts) - 1 or not set(off) <= set(FAMILIES):
+        raise ValueError(f"{ENV_SWITCH} must be 'native', 'torch' or 'native' with families switched off "
+                         f"('native,-dense'; families: {', '.join(FAMILIES)}), got {value!r}")
+    return frozenset(FAMILIES) - set(off)
+
+
+@functools.lru_cache(maxsize=1)
+def _switched_on() -> frozenset[str]:
+    return parse_kernels(os.environ.get(ENV_SWITCH, "native"))
+
+
 def _unavailable_reason() -> str | None:
-    choice = os.environ.get(ENV_SWITCH, "native").strip().lower()
-    if choice not in ("native", "torch"):
-        raise ValueError(f"{ENV_SWITCH} must be 'native' or 'torch', got {os.environ[ENV_SWITCH]!r}")
-    if choice == "torch":
-        return f"{ENV_SWITCH}=torch"
+    if not _switched_on():  # "torch", or every family switched off
+        return f"{ENV_SWITCH}={os.environ.get(ENV_SWITCH, '').strip()}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -162,9 +201,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     # rowptr, col, b, p, g, grad, grad_a, rows, width, threads
     library.grcn_bench_route_step_backward_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     library.grcn_bench_route_step_backward_f32.restype = None
-    # whole, part, index, rows, whole_cols, cols, scatter, threads
-    library.grcn_bench_columns_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-    library.grcn_bench_columns_f32.restype = ctypes.c_int  # 1: an index outside whole, nothing copied
     # users, ldu, items, out, ldo, group_max, rows, depth, chain, panels, groups, threads
     library.grcn_bench_dot_scores_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
@@ -181,25 +217,60 @@ def native_kernels() -> ctypes.CDLL | None:
     return _load()[0]
 
 
-def kernel_status() -> str:
-    """``"native (<path of the library>)"``, or why torch's kernels run instead; with the native kernels, what
-    :func:`dense_products_status` says when the dense products are left to torch."""
+#: Each family's check that the compiled kernels give torch's sums on this machine, cached until
+#: :func:`forget_loaded` (:func:`register_check`).
+_CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {}
+
+
+def register_check(family: str) -> Callable[[Callable[[], tuple[bool, str]]], Callable[[], tuple[bool, str]]]:
+    """Decorator: ``check() -> (ok, reason)`` decides once (until :func:`forget_loaded`) whether ``family``'s
+    compiled kernels run on this machine. It runs only with the library loaded and the family switched on."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}")
+
+    def register(check: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, str]]:
+        cached = functools.lru_cache(maxsize=1)(check)
+        _CHECKS[family] = cached
+        return cached
+
+    return register
+
+
+def family_status(family: str) -> str:
+    """``"native"`` when ``family``'s compiled kernels run (:data:`FAMILIES`), else why not: no library, switched
+    off, or its check failed on this machine."""
     library, status = _load()
-    if library is not None and not _dense_products()[0]:
-        status += f"; dense products: torch's ({_dense_products()[1]})"
-    if library is not None and not _dot_scores()[0]:
-        status += f"; ranking scores: numpy's ({_dot_scores()[1]})"
-    if library is not None and not _route_step()[0]:
-        status += f"; GRCN's routing: unfused ({_route_step()[1]})"
+    if library is None:
+        return status
+    if family not in _switched_on():
+        return f"switched off by {ENV_SWITCH}={os.environ.get(ENV_SWITCH, '')}"
+    check = _CHECKS.get(family)
+    return "native" if check is None or check()[0] else check()[1]
+
+
+def _ready(family: str) -> ctypes.CDLL | None:
+    """The library, when ``family``'s kernels run (:func:`family_status`)."""
+    return _load()[0] if family_status(family) == "native" else None
+
+
+def kernel_status() -> str:
+    """``"native (<path of the library>)"``, or why torch's kernels run instead; with the native kernels, each family
+    that runs torch's path instead, and why (switched off, or its check failed here)."""
+    library, status = _load()
+    if library is None:
+        return status
+    for family, fallback in FAMILIES.items():
+        reason = family_status(family)
+        if reason != "native":
+            status += f"; {fallback} ({reason})"
     return status
 
 
 @contextlib.contextmanager
 def use_kernels(choice: str) -> Iterator[None]:
-    """Run the block with ``"native"`` (where they can run) or ``"torch"`` kernels, through ``GRCN_BENCH_KERNELS``
-    (which child processes inherit); the previous choice is restored after it."""
-    if choice not in ("native", "torch"):
-        raise ValueError(f"kernels must be 'native' or 'torch', got {choice!r}")
+    """Run the block with the kernels ``choice`` names (a ``GRCN_BENCH_KERNELS`` value, :func:`parse_kernels`),
+    through the environment variable (which child processes inherit); the previous choice is restored after it."""
+    parse_kernels(choice)
     previous = os.environ.get(ENV_SWITCH)
     os.environ[ENV_SWITCH] = choice
     forget_loaded()
@@ -214,12 +285,12 @@ def use_kernels(choice: str) -> Iterator[None]:
 
 
 def forget_loaded() -> None:
-    """Forget which kernels were loaded and what was found about them: the next call asks again (after a change of
+    """Forget which kernels were loaded and what their checks found: the next call asks again (after a change of
     ``GRCN_BENCH_KERNELS``, say)."""
     _load.cache_clear()
-    _dense_products.cache_clear()
-    _dot_scores.cache_clear()
-    _route_step.cache_clear()
+    _switched_on.cache_clear()
+    for check in _CHECKS.values():
+        check.cache_clear()
 
 
 def _eligible(rowptr: Tensor, col: Tensor, rows: int, *floats: Tensor) -> bool:
@@ -249,7 +320,7 @@ def run_spmm(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out: Tensor
     ``values [nnz, H]``, ``x [C, H, d]`` and ``out [R, H, d]``, head ``h`` weighted by ``values[:, h]`` (``d`` a
     multiple of 8). Runs when the kernels are loaded and the operands qualify (float32 CPU, int32 indices,
     contiguous, matching shapes) and returns ``True``; else writes nothing and returns ``False``."""
-    library = native_kernels()
+    library = _ready("sparse")
     heads = values.size(1) if values.dim() == 2 else 1
     plain = values.dim() == 1 and x.dim() == 2
     headed = values.dim() == 2 and x.dim() == 3 and x.size(1) == heads and x.size(2) % 8 == 0
@@ -273,7 +344,7 @@ def run_spmm_pushed(rowptr: Tensor, col: Tensor, values: Tensor, x: Tensor, out:
     every :class:`~.sparse.CSRPattern` does), computed by walking ``A``'s rows; one thread per channel. ``False``
     (nothing written) unless the kernels are loaded and the operands qualify (float32 CPU, int32 indices, contiguous,
     matching shapes, every stored entry in a row)."""
-    library = native_kernels()
+    library = _ready("sparse")
     if (library is None or values.dim() != 2 or x.dim() != 3 or out.dim() != 3 or x.size(0) != values.size(0)
             or out.shape != (x.size(0), out.size(1), x.size(2)) or values.size(1) != col.numel()
             or not _eligible(rowptr, col, x.size(1), values, x, out)
@@ -298,7 +369,7 @@ def run_sddmm_backward_pushed(rowptr: Tensor, col: Tensor, grad: Tensor, a: Tens
     ``b [M, C, d]`` with ``d`` in :data:`BACKWARD_PUSHED_WIDTHS`, one thread per channel; ``False`` (nothing written)
     unless the kernels are loaded and the operands qualify (float32 CPU, int32 indices, contiguous, matching shapes,
     every stored entry in a row)."""
-    library = native_kernels()
+    library = _ready("sparse")
     if (library is None or grad.dim() != 2 or a.dim() != 3 or b.dim() != 3 or a.size(0) != b.size(0)
             or a.size(2) != b.size(2) or a.size(2) not in BACKWARD_PUSHED_WIDTHS
             or grad.shape != (a.size(0), col.numel()) or grad_a.shape != a.shape or grad_b.shape != b.shape
@@ -316,7 +387,7 @@ def run_sddmm(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, out: Tensor) ->
     """``out[k] = a[r_k] . b[col[k]]`` for every entry (``a [R, d]``, ``b [C, d]``, ``out [nnz]``), or per head
     (``a [R, H, d]``, ``b [C, H, d]``, ``out [nnz, H]``), when the kernels are loaded, the operands qualify and ``d``
     is a positive multiple of 8; ``False`` (nothing written) otherwise."""
-    library = native_kernels()
+    library = _ready("sparse")
     heads = a.size(1) if a.dim() == 3 else 1
     width = a.size(-1)
     shapes = a.dim() in (2, 3) and b.shape[1:] == a.shape[1:] and out.shape == (col.numel(), *a.shape[1:-1])
@@ -333,7 +404,7 @@ def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -
     empty segment gives 0 or -inf) with the sums and NaN rule of ``torch.segment_reduce``, when the kernels are loaded
     and the operands qualify (float32 CPU contiguous, int64 offsets inside ``src``; their order is trusted, as that of
     a CSR row pointer); ``False`` (nothing written) otherwise."""
-    library = native_kernels()
+    library = _ready("sparse")
     if (library is None or reduce not in ("sum", "max") or offsets.dtype != torch.int64 or offsets.dim() != 1
             or not offsets.is_contiguous() or src.dim() < 1 or out.shape[1:] != src.shape[1:]
             or out.size(0) != offsets.numel() - 1 or not all(t.dtype == torch.float32 and t.device.type == "cpu"
@@ -346,22 +417,6 @@ def run_segment_reduce(src: Tensor, offsets: Tensor, reduce: str, out: Tensor) -
     return True
 
 
-def run_column_copy(whole: Tensor, index: Tensor, part: Tensor, *, scatter: bool) -> bool:
-    """``whole[:, index] = part`` (``scatter``) or ``part[:] = whole[:, index]``, for float32 CPU ``whole [R, W]``
-    and ``part [R, n]``, contiguous, and an int64 ``index [n]``. Returns ``True`` when it ran, else ``False`` with
-    nothing written; raises ``IndexError`` (nothing written) when an index lies outside ``whole``."""
-    library = native_kernels()
-    if (library is None or whole.dim() != 2 or part.dim() != 2 or index.dim() != 1
-            or part.shape != (whole.size(0), index.numel()) or index.dtype != torch.int64
-            or not all(t.device.type == "cpu" and t.is_contiguous() for t in (whole, part, index))
-            or whole.dtype != torch.float32 or part.dtype != torch.float32):
-        return False
-    if library.grcn_bench_columns_f32(_pointer(whole), _pointer(part), _pointer(index), whole.size(0), whole.size(1),
-                                      index.numel(), int(scatter), _threads(part.numel())):
-        raise IndexError(f"column index out of range for {whole.size(1)} columns")
-    return True
-
-
 def run_segment_apply(src: Tensor, offsets: Tensor, values: Tensor, op: str, out: Tensor) -> bool:
     """``out[k] = src[k] - values[s]`` (``op`` ``"sub"``) or ``src[k] / values[s]`` (``"div"``) for the rows ``k``
     of segment ``s`` (``offsets[s] <= k < offsets[s + 1]``): torch's elementwise operation with ``values`` repeated
@@ -369,7 +424,7 @@ def run_segment_apply(src: Tensor, offsets: Tensor, values: Tensor, op: str, out
     :func:`run_segment_reduce` (``src``, ``values`` and ``out`` float32 CPU contiguous with equal trailing shapes,
     ``values`` one row per segment, and the offsets covering ``src`` exactly); ``False`` (nothing written)
     otherwise."""
-    library = native_kernels()
+    library = _ready("sparse")
     if (library is None or op not in ("sub", "div") or offsets.dtype != torch.int64 or offsets.dim() != 1
             or not offsets.is_contiguous() or src.dim() < 1 or out.shape != src.shape
             or values.shape != (offsets.numel() - 1, *src.shape[1:])
@@ -449,13 +504,11 @@ def _gemm_tn(library: ctypes.CDLL, g: Tensor, x: Tensor, out: Tensor, offsets: T
         raise MemoryError("grcn_bench_gemm_tn_f32: no memory for its scratch blocks")
 
 
-@functools.lru_cache(maxsize=1)
+@register_check("dense")
 def _dense_products() -> tuple[bool, str]:
     """Whether this machine's torch computes the dense products with the sums of the compiled ones: asked once, on
     operands shaped as the layers' (MKL's summation order depends on the CPU it runs on, and on its threads)."""
     library = native_kernels()
-    if library is None:
-        return False, kernel_status()
     generator = torch.Generator().manual_seed(0)
     for depth, rows, width in ((150, 64, 64), (1000, 16, 48), (131077, 64, 64)):
         g = torch.randn(depth, rows, generator=generator)
@@ -486,8 +539,9 @@ def _dense_products() -> tuple[bool, str]:
 
 
 def dense_products_status() -> str:
-    """``"native"`` when :func:`run_gemm` runs, else why not (no native kernels, or torch sums differently here)."""
-    return _dense_products()[1]
+    """``"native"`` when :func:`run_gemm` runs, else why not (no native kernels, switched off, or torch sums
+    differently here)."""
+    return family_status("dense")
 
 
 def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False,
@@ -501,8 +555,8 @@ def run_gemm(a: Tensor, b: Tensor, out: Tensor, *, bias: Tensor | None = None, a
     else ``False`` with nothing written."""
     if bias is not None and accumulate:
         raise ValueError("run_gemm: add a bias or accumulate into out, not both")
-    library = native_kernels()
-    if library is None or not _gemm_fits(a, b, out, bias, full_rows) or not _dense_products()[0]:
+    library = _ready("dense")
+    if library is None or not _gemm_fits(a, b, out, bias, full_rows):
         return False
     _gemm(library, a, b, out, bias, accumulate)
     return True
@@ -520,8 +574,8 @@ def run_gemm_tn(g: Tensor, x: Tensor, out: Tensor, *, block_offsets: Tensor | No
     unchanged (round-to-nearest never turns it into ``-0``). ``n`` may be any size then.
 
     Returns ``True`` when it ran, else ``False`` with nothing written."""
-    library = native_kernels()
-    if library is None or not _dense_products()[0]:
+    library = _ready("dense")
+    if library is None:
         return False
     if block_offsets is None:
         if not _gemm_tn_fits(g, x, out):
@@ -583,14 +637,12 @@ def _run_dot_scores(library: ctypes.CDLL, users: Tensor, packed: Tensor, out: Te
                                       group_max.size(1), _threads(rows * depth * out.size(1)))
 
 
-@functools.lru_cache(maxsize=1)
+@register_check("scores")
 def _dot_scores() -> tuple[bool, str]:
     """Whether the compiled scores are ``torch.mm``'s on this machine: asked once, on chains of each kind, for
     batches of 32 users or more. MKL sums products of fewer rows in other orders (seen with 1, 3 and 7 rows); the
     compiled scores do not depend on the batch."""
     library = native_kernels()
-    if library is None:
-        return False, kernel_status()
     generator = torch.Generator().manual_seed(0)
     for rows, depth, num_items in ((37, 64, 1000), (40, 256, 517), (33, 200, 64), (32, 512, 300), (45, 7, 33)):
         users = torch.randn(rows, depth, generator=generator)
@@ -606,7 +658,13 @@ def _dot_scores() -> tuple[bool, str]:
 
 def dot_scores_status() -> str:
     """``"native"`` when :func:`run_dot_scores` runs, else why not."""
-    return _dot_scores()[1]
+    return family_status("scores")
+
+
+def dot_scores_apply(depth: int) -> bool:
+    """Whether :func:`run_dot_scores` runs on this machine for ``depth``-deep embeddings (float32 CPU operands laid
+    out as it documents): the kernels run and :func:`score_chain` knows ``torch.mm``'s sums at this depth."""
+    return score_chain(depth) is not None and dot_scores_status() == "native"
 
 
 def run_dot_scores(users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor) -> bool:
@@ -616,8 +674,8 @@ def run_dot_scores(users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor
     with unit column stride (its columns past ``I`` get the padding items' scores, 0 for finite users),
     ``group_max [B, G]`` contiguous; float32 CPU, a depth :func:`score_chain` knows. Each score is summed on its own:
     a user's scores do not depend on the batch. Returns ``True`` when it ran, else ``False`` with nothing written."""
-    library = native_kernels()
-    if library is None or not _dot_scores_fit(users, packed, out, group_max) or not _dot_scores()[0]:
+    library = _ready("scores")
+    if library is None or not _dot_scores_fit(users, packed, out, group_max):
         return False
     _run_dot_scores(library, users, packed, out, group_max)
     return True
@@ -630,7 +688,7 @@ ROUTE_MAX_WIDTH = 64
 @functools.lru_cache(maxsize=1)
 def _torch_exp() -> int | None:
     """The address of MKL's ``vsExp`` in torch's CPU library, the function ``torch.exp`` runs on contiguous float32
-    CPU tensors where torch is built with MKL (:func:`_route_step` checks that the bits agree), or ``None``."""
+    CPU tensors where torch is built with MKL (:mod:`.routing`'s check compares the bits), or ``None``."""
     try:
         library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
         return ctypes.cast(library.vsExp, ctypes.c_void_p).value
@@ -662,81 +720,44 @@ def _run_route_step_backward(library: ctypes.CDLL, rowptr: Tensor, col: Tensor, 
                                                _threads(col.numel() * g.size(1)))
 
 
-@functools.lru_cache(maxsize=1)
-def _route_step() -> tuple[bool, str]:
-    """Whether the fused routing step and its backward give the unfused operations' bits here: asked once, on a
-    random pattern with empty rows, at widths 64 and 16."""
-    library = native_kernels()
-    if library is None:
-        return False, kernel_status()
-    if _torch_exp() is None:
-        return False, "MKL's vsExp not found in torch's library"
-    generator = torch.Generator().manual_seed(0)
-    for rows, cols, width in ((300, 200, 64), (97, 31, 16)):
-        mask = torch.rand(rows, cols, generator=generator) < 0.1
-        mask[::7] = False  # rows without entries
-        row, column = mask.nonzero(as_tuple=True)
-        rowptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(row, minlength=rows).cumsum(0)])
-        rowptr, column = rowptr.int(), column.int()
-        a = torch.randn(rows, width, generator=generator) * 3
-        b = torch.randn(cols, width, generator=generator)
-        g = torch.randn(rows, width, generator=generator)
-        logits, p, pulled = (torch.empty(column.numel()), torch.empty(column.numel()), torch.empty(rows, width))
-        _run_route_step(library, rowptr, column, a, b, logits, p, pulled)
-        grad, grad_a = torch.empty(column.numel()), torch.empty(rows, width)
-        _run_route_step_backward(library, rowptr, column, b, p, g, grad, grad_a)
-        expected = _unfused_route_step(rowptr, column, a, b, g)
-        if not all(torch.equal(x.view(torch.int32), y.view(torch.int32))
-                   for x, y in zip((logits, p, pulled, grad, grad_a), expected, strict=True)):
-            return False, f"its bits differ from the unfused operations' here (width {width})"
-    return True, "native"
-
-
-def _unfused_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor,
-                        g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logits, p, pulled)`` of the sampled product, segment softmax and product that :func:`run_route_step`
-    fuses, one after the other, and the gradients to ``logits`` and ``a`` of ``pulled``'s gradient ``g``."""
-    from .sparse import CSRPattern, sddmm, segment_softmax, spmm  # sparse imports this module
-
-    pattern = CSRPattern.from_coo(torch.repeat_interleave(torch.arange(a.size(0)), (rowptr[1:] - rowptr[:-1]).long()),
-                                  col.long(), a.size(0), b.size(0))
-    with torch.enable_grad():  # the first call may come from a forward under no_grad (an evaluation)
-        a = a.clone().requires_grad_()
-        logits = sddmm(pattern, a, b)
-        p = segment_softmax(logits, rowptr.long())
-        pulled = spmm(pattern, p, b)
-        grad, grad_a = torch.autograd.grad(pulled, (logits, a), g)
-    return logits.detach(), p.detach(), pulled.detach(), grad, grad_a
-
-
 def route_step_status() -> str:
-    """``"native"`` when :func:`run_route_step` runs, else why not."""
-    return _route_step()[1]
+    """``"native"`` when :func:`run_route_step` runs, else why not (its check lives beside the unfused operations,
+    in :mod:`.routing`)."""
+    return family_status("routing")
+
+
+def _route_library(checked: bool) -> ctypes.CDLL | None:
+    if _torch_exp() is None:
+        return None
+    if checked:
+        return _ready("routing")
+    return _load()[0] if "routing" in _switched_on() else None
 
 
 def run_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor, p: Tensor,
-                   pulled: Tensor) -> bool:
-    """One routing iteration of GRCN (``refine.route_prototypes``) in one pass per row: ``logits = sddmm(a, b)``,
+                   pulled: Tensor, *, checked: bool = True) -> bool:
+    """One routing iteration of GRCN (:func:`~.routing.routing_step`) in one pass per row: ``logits = sddmm(a, b)``,
     ``p = segment_softmax(logits)`` over each row's entries and ``pulled = spmm(p, b)``, written to ``logits``,
     ``p`` (``[nnz]``) and ``pulled`` (``[R, d]``) with those operations' bits (:func:`route_step_status`). For
-    float32 CPU operands, int32 indices, ``d`` a multiple of 8 up to 64, all contiguous. Returns ``True`` when it
-    ran, else ``False`` with nothing written."""
-    library = native_kernels()
-    if library is None or not _route_step_fits(rowptr, col, a, b, logits, p, pulled) or not _route_step()[0]:
+    float32 CPU operands, int32 indices, ``d`` a multiple of 8 up to 64, all contiguous, and torch's ``vsExp``
+    found. ``checked=False`` runs it before the family's check has passed (the check itself). Returns ``True`` when
+    it ran, else ``False`` with nothing written."""
+    library = _route_library(checked)
+    if library is None or not _route_step_fits(rowptr, col, a, b, logits, p, pulled):
         return False
     _run_route_step(library, rowptr, col, a, b, logits, p, pulled)
     return True
 
 
 def run_route_step_backward(rowptr: Tensor, col: Tensor, b: Tensor, p: Tensor, g: Tensor, grad: Tensor,
-                            grad_a: Tensor) -> bool:
+                            grad_a: Tensor, *, checked: bool = True) -> bool:
     """The row-local part of :func:`run_route_step`'s backward in one pass per row, for ``g = dL/dpulled``:
     ``grad = dL/dlogits`` (``[nnz]``: through the product's weights and the softmax) and ``grad_a = dL/da`` (``[R,
     d]``), with the bits of the unfused operations' backward passes (:func:`route_step_status`); ``p`` is the
-    forward's softmax. The gradients to ``b`` are two transposed products (:mod:`.sparse`). Operands as for
-    :func:`run_route_step`. Returns ``True`` when it ran, else ``False`` with nothing written."""
-    library = native_kernels()
-    if library is None or not _route_step_fits(rowptr, col, g, b, grad, p, grad_a) or not _route_step()[0]:
+    forward's softmax. The gradients to ``b`` are two transposed products (:mod:`.routing`). Operands and
+    ``checked`` as for :func:`run_route_step`. Returns ``True`` when it ran, else ``False`` with nothing written."""
+    library = _route_library(checked)
+    if library is None or not _route_step_fits(rowptr, col, g, b, grad, p, grad_a):
         return False
     _run_route_step_backward(library, rowptr, col, b, p, g, grad, grad_a)
     return True

@@ -4,6 +4,8 @@ through masking."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,8 @@ from grcn_bench.benchmarks.evaluator import (
 from grcn_bench.datasets import load_dataset
 from grcn_bench.models import get_model
 from grcn_bench.models.base import Embeddings
-from grcn_bench.models.layers import native
 from grcn_bench.models.mf import MF
+from grcn_bench.models.ops import native
 
 needs_native = pytest.mark.skipif(native.native_kernels() is None,
                                   reason=f"compiled kernels unavailable here: {native.kernel_status()}")
@@ -248,7 +250,8 @@ def test_compiled_scorer_returns_the_models_scores_and_maxima():
 
 
 def test_a_machine_whose_torch_mm_sums_otherwise_scores_with_numpy(fresh_kernels, monkeypatch):
-    monkeypatch.setattr(native, "_dot_scores", lambda: (False, "torch.mm sums 64-deep products otherwise here"))
+    failed = functools.lru_cache(maxsize=1)(lambda: (False, "torch.mm sums 64-deep products otherwise here"))
+    monkeypatch.setitem(native._CHECKS, "scores", failed)
     model, emb, _ = _mf_embeddings()
     assert isinstance(dot_scorer(model, emb, 8), BufferedDotScores)
     if native.native_kernels() is not None:
@@ -263,6 +266,22 @@ def test_without_native_kernels_ranking_scores_come_from_numpy(fresh_kernels):
     with native.use_kernels("torch"):
         assert native.dot_scores_status() == "GRCN_BENCH_KERNELS=torch"
         assert isinstance(dot_scorer(model, emb, 8), BufferedDotScores)
+
+
+@needs_native
+def test_switching_the_scores_family_off_scores_with_numpy(fresh_kernels):
+    """``native,-scores``: the other families stay compiled, the evaluator scores with numpy's BLAS."""
+    model, emb, _ = _mf_embeddings()
+    users, item = operands(40, 64, 300)
+    packed = native.pack_score_items(item)
+    with native.use_kernels("native,-scores"):
+        assert native.dot_scores_status() == "switched off by GRCN_BENCH_KERNELS=native,-scores"
+        assert "ranking scores: numpy's (switched off" in native.kernel_status()
+        assert native.family_status("sparse") == "native"
+        assert isinstance(dot_scorer(model, emb, 8), BufferedDotScores)
+        assert not native.run_dot_scores(users, packed, torch.empty(40, packed.size(0) * 16), torch.empty(40, 9))
+    assert native.run_dot_scores(users, packed, torch.empty(40, packed.size(0) * 16), torch.empty(40, 9)) == (
+        native.dot_scores_status() == "native")
 
 
 class _TorchScore(MF):

@@ -1,7 +1,7 @@
-"""The compiled dense product (``native.run_gemm``) and ``layers.dense.linear``: bit for bit an order-exact reference
-(one fused multiply-add chain per output element), torch's own products where MKL sums that way, and
-``F.linear``'s values and gradients; every case it leaves to torch, and the check that turns it off on machines
-whose MKL sums differently."""
+"""``ops.dense``: the compiled dense product (``native.run_gemm``) and ``linear``, bit for bit an order-exact
+reference (one fused multiply-add chain per output element), torch's own products where MKL sums that way, and
+``F.linear``'s values and gradients; every case it leaves to torch, the check that turns it off on machines whose MKL
+sums differently, and the family switch; ``l2_normalize`` against ``F.normalize``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grcn_bench.models.layers import native
-from grcn_bench.models.layers.dense import linear
+from grcn_bench.models.ops import native
+from grcn_bench.models.ops.dense import bpr_pair_scores, l2_normalize, linear
 
 needs_native = pytest.mark.skipif(native.native_kernels() is None,
                                   reason=f"compiled kernels unavailable here: {native.kernel_status()}")
@@ -273,3 +273,68 @@ def test_without_native_kernels_the_dense_products_are_torchs(fresh_kernels, mon
         assert native.dense_products_status() == "GRCN_BENCH_KERNELS=torch"
         x, weight, _, _ = _linear_cases()
         assert not native.run_gemm(x, weight[:, :64].t().contiguous(), torch.empty(500, 64))
+
+
+@needs_native
+def test_switching_the_dense_family_off_runs_torchs_products(fresh_kernels):
+    """``native,-dense``: the dense products are torch's (``run_gemm`` refuses), the sparse ones stay compiled."""
+    x, weight, bias, _ = _linear_cases()
+    with native.use_kernels("native,-dense"):
+        assert native.dense_products_status() == "switched off by GRCN_BENCH_KERNELS=native,-dense"
+        assert "dense products: torch's (switched off" in native.kernel_status()
+        assert native.family_status("sparse") == "native"
+        assert not native.run_gemm(x, weight[:, :64].t().contiguous(), torch.empty(500, 64))
+        assert not native.run_gemm_tn(x, x, torch.empty(64, 64))
+        assert torch.equal(linear(x, weight[:, :64], bias), F.linear(x, weight[:, :64], bias))
+
+
+def test_l2_normalize_is_f_normalize_with_a_fused_backward():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 4, generator=gen)
+    x[1, 0] = 0.0  # a zero row: the norm is clamped, the gradient is g / eps
+    assert torch.equal(l2_normalize(x), F.normalize(x, dim=-1))  # the same values, bit for bit
+    leaf_fast, leaf_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(x.shape, generator=gen)
+    (l2_normalize(leaf_fast) * upstream).sum().backward()
+    (F.normalize(leaf_ref, dim=-1) * upstream).sum().backward()
+    torch.testing.assert_close(leaf_fast.grad, leaf_ref.grad)
+    double = torch.randn(4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(l2_normalize, (double,))
+
+
+def test_l2_normalize_is_f_normalize_with_the_same_gradient():
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    x[1, 2] = 0.0  # a zero vector stays zero; its gradient is g / eps, as autograd's through F.normalize
+    x[4, 0] = 1e-13  # a norm below eps: clamped
+    x_ref, x_fast = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    reference, fast = F.normalize(x_ref, dim=-1), l2_normalize(x_fast)
+    torch.testing.assert_close(fast, reference)
+    assert torch.equal(fast[1, 2], torch.zeros(5, dtype=torch.float64))
+    upstream = torch.randn_like(x)
+    (reference * upstream).sum().backward()
+    (fast * upstream).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
+    smooth = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(l2_normalize, (smooth,))
+
+
+def test_bpr_pair_scores_equal_two_gathers_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    # Repeated users, a row that is a positive twice and a negative twice, rows that are only negatives.
+    users = torch.tensor([0, 3, 3, 1, 0, 3, 2, 2])
+    pos = torch.tensor([4, 4, 1, 0, 5, 2, 4, 0])
+    neg = torch.tensor([1, 6, 1, 6, 3, 0, 3, 6])
+    base_user, base_item = torch.randn(5, 7, generator=gen), torch.randn(7, 7, generator=gen)
+    g_pos, g_neg = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    leaves = [(base_user.clone().requires_grad_(), base_item.clone().requires_grad_()) for _ in range(2)]
+    # Computed (non-leaf) tables, as the models' outputs that take this path.
+    (user_a, item_a), (user_b, item_b) = [(u * 1.5, i * 1.5) for u, i in leaves]
+    fused = bpr_pair_scores(user_a, item_a, users, pos, neg)
+    separate = ((user_b[users] * item_b[pos]).sum(-1), (user_b[users] * item_b[neg]).sum(-1))
+    for got, want in zip(fused, separate, strict=True):
+        assert torch.equal(got, want)
+    grads_fused = torch.autograd.grad(fused, [user_a, item_a], [g_pos, g_neg])
+    grads_separate = torch.autograd.grad(separate, [user_b, item_b], [g_pos, g_neg])
+    for got, want in zip(grads_fused, grads_separate, strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(grads_fused[1][6], torch.zeros(7))  # a negative-only row does get its gradient

@@ -1,7 +1,8 @@
-"""Training over a batch's receptive field (``layers.field``, ``linear(rows=...)``, ``Recommender.batch_forward``):
+"""Training over a batch's receptive field (``ops.field``, ``linear(rows=...)``, ``Recommender.batch_forward``):
 the nodes and sub-patterns against an independent neighbourhood expansion, every restricted product against the
 whole graph's to the bit (values and gradients), and the batch losses and gradients of MMGCN, DisenGCN and GRCN
-(three variants) against their full forward's."""
+(three variants) against their full forward's: to the bit for MMGCN and GRCN, whose field operations sum each row's
+terms in the whole graph's order, within float round-off for DisenGCN (its channel softmax and gradient sums)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ from grcn_bench.datasets import load_dataset
 from grcn_bench.datasets.base import InteractionGraph
 from grcn_bench.models import get_model
 from grcn_bench.models.base import Embeddings, Recommender
-from grcn_bench.models.layers import dense, native
-from grcn_bench.models.layers.dense import RowSubset, linear, rows_apply
-from grcn_bench.models.layers.disen import _ChannelSoftmaxAtGraphPositions
-from grcn_bench.models.layers.field import gather_columns, receptive_field, scatter_columns_
-from grcn_bench.models.layers.sparse import graph_pattern, spmm
+from grcn_bench.models.ops import dense, native
+from grcn_bench.models.ops.dense import RowSubset, linear, rows_apply
+from grcn_bench.models.ops.field import receptive_field
+from grcn_bench.models.ops.sparse import graph_pattern, spmm
 
 needs_chained_mkl = pytest.mark.skipif(
     native.native_kernels() is None or native.dense_products_status() != "native",
@@ -196,27 +196,6 @@ def test_linear_rows_refuses_products_it_cannot_reproduce(monkeypatch):
         linear(torch.randn(2, 16), torch.randn(16, 16), rows=RowSubset(torch.tensor([3, 9]), 100))
 
 
-# ------------------------------------------------------------------------------------------------ channel softmax
-
-
-def test_channel_softmax_at_whole_graph_positions():
-    generator = torch.Generator().manual_seed(4)
-    whole = torch.randn(4, 5003, generator=generator) * 3
-    edges = torch.randperm(5003, generator=generator)[:1700].sort().values
-    agreement = whole[:, edges].clone().requires_grad_()
-    scratch = torch.full((4, 5003), float("nan"))  # its other columns may hold anything
-    p = _ChannelSoftmaxAtGraphPositions.apply(agreement, edges, scratch)
-    reference_input = torch.zeros(4, 5003)
-    reference_input[:, edges] = whole[:, edges]
-    reference_input.requires_grad_()
-    reference = torch.softmax(reference_input, dim=0)
-    assert torch.equal(p, reference[:, edges].detach())
-    probe = torch.randn(4, 1700, generator=generator)
-    (p * probe).sum().backward()
-    (reference[:, edges] * probe).sum().backward()
-    assert torch.equal(agreement.grad, reference_input.grad[:, edges])
-
-
 # ------------------------------------------------------------------------------------------- models and trainer
 
 
@@ -233,14 +212,30 @@ MODELS_WITH_A_FIELD = [
 ]
 
 
+def _agree(a: torch.Tensor, b: torch.Tensor, exact: bool, name: str = "") -> None:
+    """To the bit where ``exact``, else within float32 round-off: ``1e-5`` of the tensor's largest entry (a sum of
+    thousands of rows, such as a bias gradient, moves by a few ulps of its largest terms; measured on DisenGCN: at
+    most ``2e-7`` of it)."""
+    if exact:
+        assert torch.equal(a, b), name
+    else:
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-5 * float(b.detach().abs().max()) + 1e-9, msg=name)
+
+
+#: Models whose field path gives the full forward's bits (the others: within float round-off).
+EXACT_FIELDS = ("mmgcn", "grcn")
+
+
 @needs_chained_mkl
 @pytest.mark.parametrize(("name", "options"), MODELS_WITH_A_FIELD)
 @pytest.mark.parametrize("spec", ["synthetic:tiktok", "synthetic:tiny?text=words", "synthetic:movielens"])
-def test_batch_forward_is_the_full_forward_to_the_bit(name, options, spec, monkeypatch):
+def test_batch_forward_is_the_full_forward(name, options, spec, monkeypatch):
     """Three optimiser steps each way: the losses, every gradient and every parameter after each step, and the
     learned edge weights. The field path must have run (counted). Tiktok-shaped: 3,500 nodes (blocked weight
     gradients); tiny with word-id text: 150 nodes (one chain); Movielens-shaped: 2,048-d features, which MMGCN
-    projects whole."""
+    projects whole. Where the two agree within round-off only, each step starts the field's model from the full
+    model's parameters (Adam turns round-off in a near-zero gradient into a step of the learning rate's size)."""
+    exact = name in EXACT_FIELDS
     dataset = load_dataset(spec)
     graph = dataset.graph()
     seed_everything(0)
@@ -259,13 +254,15 @@ def test_batch_forward_is_the_full_forward_to_the_bit(name, options, spec, monke
             loss.backward()
             losses.append(loss.detach())
             edge_weights.append(emb.edge_weight)
-        assert torch.equal(losses[0], losses[1])
-        assert edge_weights[0] is None and edge_weights[1] is None or torch.equal(*edge_weights)
+        _agree(losses[0], losses[1], exact)
+        assert edge_weights[0] is None and edge_weights[1] is None or _agree(*edge_weights, exact) is None
         for (parameter_name, a), b in zip(full.named_parameters(), restricted.parameters(), strict=True):
             assert (a.grad is None) == (b.grad is None), parameter_name
-            assert a.grad is None or torch.equal(a.grad, b.grad), parameter_name
+            assert a.grad is None or _agree(a.grad, b.grad, exact, parameter_name) is None
         for optimizer in optimizers:
             optimizer.step()
+        if not exact:
+            restricted.load_state_dict(full.state_dict())
     assert len(built) == 3
 
 
@@ -285,23 +282,67 @@ def test_batch_forward_for_other_depths(name, num_layers):
     field_loss = restricted.loss(restricted.batch_forward(graph, users, pos, neg), users, pos, neg, 1e-3)
     full_loss.backward()
     field_loss.backward()
-    assert torch.equal(full_loss, field_loss)
+    exact = name in EXACT_FIELDS
+    _agree(full_loss, field_loss, exact)
     for (parameter_name, a), b in zip(full.named_parameters(), restricted.parameters(), strict=True):
-        assert a.grad is None and b.grad is None or torch.equal(a.grad, b.grad), parameter_name
+        assert a.grad is None and b.grad is None or _agree(a.grad, b.grad, exact, parameter_name) is None
 
 
-@pytest.mark.parametrize("name", ["mmgcn", "disengcn", "grcn"])
+@needs_chained_mkl
+def test_disengcn_batch_forward_is_deterministic():
+    """Where its field path is not the full forward's to the bit, it is the same at every run."""
+    dataset = load_dataset("synthetic:tiktok")
+    graph = dataset.graph()
+    users, pos, neg = _batch(dataset, 64, 3)
+    runs = []
+    for _ in range(2):
+        seed_everything(0)
+        model = get_model("disengcn")(dataset.info())
+        model.loss(model.batch_forward(graph, users, pos, neg), users, pos, neg, 1e-3).backward()
+        runs.append([p.grad for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mmgcn", "disengcn"])
 def test_batch_forward_is_the_full_forward_where_the_products_do_not_run(name):
+    """MMGCN's and DisenGCN's fields need ``linear(rows=...)``, which needs the compiled dense products: without
+    them (``native,-dense`` or ``torch``) ``batch_forward`` is the full forward, every row."""
     dataset = load_dataset("synthetic:tiny")
     graph = dataset.graph()
     model = get_model(name)(dataset.info())
     users, pos, neg = _batch(dataset, 16, 0)
-    with native.use_kernels("torch"):
-        emb = model.batch_forward(graph, users, pos, neg)
-        reference = model(graph)
-    assert torch.equal(emb.user, reference.user) and torch.equal(emb.item, reference.item)  # every row
-    assert emb.edge_weight is None and reference.edge_weight is None or torch.equal(emb.edge_weight,
-                                                                                    reference.edge_weight)
+    for kernels in ("torch", "native,-dense"):
+        with native.use_kernels(kernels):
+            emb = model.batch_forward(graph, users, pos, neg)
+            reference = model(graph)
+        assert torch.equal(emb.user, reference.user) and torch.equal(emb.item, reference.item), kernels
+
+
+@pytest.mark.parametrize("kernels", ["torch", "native,-sparse"])
+def test_grcn_trains_over_its_field_on_torchs_kernels_too(kernels, monkeypatch):
+    """GRCN's field path is sparse products over the field's patterns, correct on every path: it runs with torch's
+    kernels too, and gives the full forward's rows and gradients."""
+    dataset = load_dataset("synthetic:tiny")
+    graph = dataset.graph()
+    seed_everything(0)
+    full = get_model("grcn")(dataset.info())
+    restricted = copy.deepcopy(full)
+    users, pos, neg = _batch(dataset, 16, 0)
+    built = []
+    monkeypatch.setattr("grcn_bench.models.grcn.receptive_field", lambda *a: built.append(1) or receptive_field(*a))
+    with native.use_kernels(kernels):
+        emb = restricted.batch_forward(graph, users, pos, neg)
+        reference = full(graph)
+        losses = [m.loss(e, users, pos, neg, 1e-3) for m, e in ((full, reference), (restricted, emb))]
+        for loss in losses:
+            loss.backward()
+    assert built == [1]
+    torch.testing.assert_close(emb.user[users], reference.user[users])
+    torch.testing.assert_close(emb.item[pos], reference.item[pos])
+    torch.testing.assert_close(losses[0], losses[1])
+    for (parameter_name, a), b in zip(full.named_parameters(), restricted.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=parameter_name)
 
 
 def test_the_trainer_trains_through_batch_forward():
@@ -318,33 +359,3 @@ def test_the_trainer_trains_through_batch_forward():
         lambda m, epoch: {"recall@10": 0.0}, progress=False)
     assert calls and sum(calls) == dataset.train.size(0)
     assert Recommender.batch_forward is get_model("mf").batch_forward  # the default: the full forward
-
-
-@pytest.mark.parametrize("kernels", ["native", "torch"])
-def test_column_copies_are_index_copy_and_index_select(kernels):
-    generator = torch.Generator().manual_seed(0)
-    columns = torch.randperm(50_000, generator=generator)[:9_000]  # unsorted, 4096-column chunks and a partial one
-    values = torch.randn(4, 9_000, generator=generator)
-    whole = torch.randn(4, 50_000, generator=generator)
-    with native.use_kernels(kernels):
-        scattered = scatter_columns_(whole.clone(), columns, values)
-        assert torch.equal(scattered, whole.clone().index_copy_(1, columns, values))
-        assert torch.equal(gather_columns(scattered, columns), values)
-        assert torch.equal(gather_columns(whole, columns), whole.index_select(1, columns))
-        # Operands the compiled copy does not take go to torch: float64, int32 columns, a column slice.
-        assert torch.equal(gather_columns(whole.double(), columns), whole.double().index_select(1, columns))
-        assert torch.equal(gather_columns(whole, columns.int()), whole.index_select(1, columns))
-        sliced = whole[:, ::2]
-        assert torch.equal(gather_columns(sliced, columns // 2), sliced.index_select(1, columns // 2))
-
-
-@needs_native
-def test_column_copies_refuse_an_index_outside_without_writing():
-    whole, part = torch.zeros(3, 100), torch.ones(3, 4)
-    for bad in (torch.tensor([0, 5, 100, 7]), torch.tensor([0, -1, 2, 3])):
-        for scatter in (True, False):
-            before = (whole.clone(), part.clone())
-            with pytest.raises(IndexError, match="out of range for 100 columns"):
-                native.run_column_copy(whole, bad, part, scatter=scatter)
-            assert torch.equal(whole, before[0]) and torch.equal(part, before[1])
-    assert not native.run_column_copy(whole, torch.tensor([1, 2]), part, scatter=True)  # part has 4 columns

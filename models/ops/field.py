@@ -18,12 +18,10 @@ Bit for bit, not only in exact arithmetic, as long as every operation computes e
 sums in an order that does not depend on the other rows: the sparse products over :attr:`ReceptiveField.patterns`
 keep every row's entries in the graph's order (a zero gradient term adds an exact zero to a chain), and the dense
 products keep their sums through :func:`~.dense.linear` with ``rows`` (the weight gradient summed in the full
-product's blocks). An operation whose result for an element depends on where the element sits does not qualify as
-is: torch's softmax over a non-last dimension computes the last columns of each thread's share on a scalar path
-whose ``exp`` can differ from the vectorised one in the last bit, so DisenGCN runs its channel softmax at the edges'
-positions in a whole-graph tensor (torch's elementwise ``exp`` showed no such dependence). Autograd adds a tensor's
-gradient contributions in the order they arrive, so a model keeps the whole forward's structure of uses. A model
-that uses this module says which of its operations it relies on, and its tests compare with the full forward.
+product's blocks). Where an operation's last bit depends on where an element sits (torch's softmax over a
+non-last dimension computes the last columns of each thread's share on a scalar path), or autograd adds a tensor's
+gradient contributions in another order, the results agree with the full forward's within float round-off; the
+models' tests compare the two.
 """
 
 from __future__ import annotations
@@ -34,10 +32,9 @@ import torch
 from torch import Tensor
 
 from .dense import RowSubset
-from .native import run_column_copy
 from .sparse import CSRPattern
 
-__all__ = ["FieldLayer", "ReceptiveField", "gather_columns", "receptive_field", "scatter_columns_"]
+__all__ = ["FieldLayer", "ReceptiveField", "receptive_field"]
 
 
 @dataclass(frozen=True)
@@ -179,18 +176,3 @@ def receptive_field(graph, seeds: Tensor, num_layers: int) -> ReceptiveField:
         positions.insert(0, self_position)
     return ReceptiveField(tuple(nodes), tuple(patterns), tuple(edges), tuple(positions), graph.num_nodes,
                           graph.num_edges)
-
-
-def scatter_columns_(whole: Tensor, columns: Tensor, values: Tensor) -> Tensor:
-    """``whole.index_copy_(1, columns, values)``: a field's per-entry values ``[R, n]`` written at their whole-graph
-    positions ``columns`` (int64) of ``whole [R, E]``, with the compiled copy where it runs (torch's
-    ``index_copy_`` along columns is several times slower)."""
-    if not run_column_copy(whole, columns, values, scatter=True):
-        whole.index_copy_(1, columns, values)
-    return whole
-
-
-def gather_columns(whole: Tensor, columns: Tensor) -> Tensor:
-    """``whole.index_select(1, columns)``, with the compiled copy where it runs (as above)."""
-    part = whole.new_empty(whole.size(0), columns.numel())
-    return part if run_column_copy(whole, columns, part, scatter=False) else whole.index_select(1, columns)
