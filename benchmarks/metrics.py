@@ -5,8 +5,13 @@ swap any of them:
 
 1. :func:`top_k` picks the ``K_max`` best items per row of a score block ``[B, I]``;
 2. :func:`hits_from_csr` / :func:`hits_from_mask` mark which of them are held-out positives (``[B, K_max]`` bool);
-3. :func:`rank_metrics` turns the hit matrix and the number of positives per user into Precision, Recall and NDCG for
-   every requested K at once.
+3. :func:`rank_metrics` turns the hit matrix and the number of positives per user into every registered metric
+   (Precision, Recall and NDCG, and any other) for every requested K at once.
+
+Metrics live in a registry: ``@register_metric("name")`` on a function ``(ranked: RankedLists, k) -> [B]`` float64
+tensor adds one, and the evaluator, the stored results and the report's tables carry it with no other change
+(docs/extending.md, "A metric"). :class:`RankedLists` holds the hit matrix, the number of positives, and the
+cumulative hit counts and DCG computed once for every metric and K.
 
 For a user with held-out positives :math:`P` and top-K list :math:`L` (ranks :math:`r` are 0-based):
 
@@ -27,15 +32,147 @@ ties between a positive and a non-positive at the K boundary are the only ties t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-#: Metric families in canonical order.
-METRICS = ("precision", "recall", "ndcg")
 #: NDCG normalisations: "standard" (IDCG over min(|P|, K) positions) or "official" (min(hits, K)).
 NDCG_VARIANTS = ("standard", "official")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass
+class RankedLists:
+    """What every metric sees of a batch of ranked lists, with the running sums computed once for all of them.
+
+    Attributes:
+        hits: ``[B, K_max]`` bool, ``hits[b, r]`` = the item at rank ``r`` (0-based) of row ``b`` is a positive.
+        num_positives: ``[B]`` float64, each row's number of held-out positives :math:`|P|`.
+        ndcg: the NDCG normalisation, ``"standard"`` or ``"official"`` (:data:`NDCG_VARIANTS`).
+    """
+
+    hits: Tensor
+    num_positives: Tensor
+    ndcg: str = "standard"
+
+    @cached_property
+    def hit_count(self) -> Tensor:
+        """``[B, K_max]`` float64: hits within the first ``r + 1`` positions."""
+        return self.hits.to(torch.float64).cumsum(1)
+
+    def hits_at(self, k: int) -> Tensor:
+        """``[B]`` float64: hits in the top ``k``."""
+        return self.hit_count[:, k - 1]
+
+    @cached_property
+    def discount(self) -> Tensor:
+        """``[K_max]`` position discounts ``1 / log2(r + 2)``."""
+        return discounts(self.hits.size(1), device=self.hits.device)
+
+    @cached_property
+    def dcg(self) -> Tensor:
+        """``[B, K_max]`` float64: DCG of the first ``r + 1`` positions."""
+        return (self.hits.to(torch.float64) * self.discount).cumsum(1)
+
+    @cached_property
+    def ideal(self) -> Tensor:
+        """``[K_max + 1]`` float64: ``ideal[n]`` = DCG of ``n`` hits at the top ranks (``ideal[0] = 0``)."""
+        return torch.cat([self.discount.new_zeros(1), self.discount.cumsum(0)])
+
+
+#: ``metric(ranked, k) -> [B]`` float64: one value per row at cut-off ``k`` (``k <= K_max``).
+MetricFunction = Callable[[RankedLists, int], Tensor]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric family: ``compute(ranked, k)``, its titles in tables, and its place in the order."""
+
+    name: str
+    compute: MetricFunction
+    title: str
+    short: str
+    order: int
+    report: bool = True
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, *, title: str | None = None, short: str | None = None, order: int = 100,
+                    report: bool = True) -> Callable[[MetricFunction], MetricFunction]:
+    """Decorator that registers ``metric(ranked: RankedLists, k: int) -> Tensor`` (float64 ``[B]``) as ``name``.
+
+    Every evaluation then computes ``<name>@<K>`` for each cut-off, so it is stored with every result (validation
+    and test, per user) and shown in the report's tables (Tables 2 and 3, the audit) with ``title`` as its column
+    (default: ``name``) and ``short`` in compact labels (default: ``title``; shown as ``<short>@10``).
+
+    Args:
+        name: the family's name: a lowercase word without ``@`` (keys are ``"<name>@<K>"``).
+        order: place in the canonical order (lowest first; equal orders keep registration order). The built-in
+            metrics take 10 (precision), 20 (recall) and 30 (NDCG); the default is 100, after them.
+        report: show it in the report's tables (it is computed and stored either way).
+
+    Raises:
+        ValueError: ``name`` is malformed, or already registered to another function.
+    """
+    if not name or "@" in name or name != name.strip() or name.startswith(("val_", "test_")):
+        raise ValueError(f"@register_metric({name!r}): a metric name is a word without '@' (keys are name@K)")
+
+    def decorate(compute: MetricFunction) -> MetricFunction:
+        if not callable(compute):
+            raise TypeError(f"@register_metric({name!r}) decorates a function (ranked, k) -> Tensor, got {compute!r}")
+        entry = Metric(name, compute, title or name, short or title or name, order, report)
+        if name in _METRICS and _METRICS[name] != entry:
+            raise ValueError(f"a metric named {name!r} is already registered "
+                             f"({getattr(_METRICS[name].compute, '__qualname__', _METRICS[name].compute)})")
+        _METRICS[name] = entry
+        return compute
+
+    return decorate
+
+
+def unregister_metric(name: str) -> None:
+    """Remove a metric from the registry (for tests that register throwaway metrics)."""
+    _METRICS.pop(name, None)
+
+
+def available_metrics() -> tuple[str, ...]:
+    """Registered metric families in canonical order (by ``order``, then registration)."""
+    return tuple(m.name for m in sorted(_METRICS.values(), key=lambda m: m.order))
+
+
+def reported_metrics(k: int = 10) -> tuple[str, ...]:
+    """The keys at ``k`` of the families shown in the report's tables, in canonical order (``"recall@10"``)."""
+    return tuple(f"{name}@{k}" for name in available_metrics() if _METRICS[name].report)
+
+
+def get_metric(name: str) -> Metric:
+    """The registered family ``name`` (``"recall"``) or the family of a key (``"recall@10"``).
+
+    Raises:
+        KeyError: unknown family; the message lists the known ones.
+    """
+    family = name.partition("@")[0]
+    try:
+        return _METRICS[family]
+    except KeyError:
+        raise KeyError(f"unknown metric {family!r}; available metrics: {', '.join(available_metrics())}") from None
+
+
+def metric_title(key: str, *, short: bool = False) -> str:
+    """How tables name a metric key: ``"Recall"`` (or ``"R@10"`` with ``short``); an unknown key as itself."""
+    family, _, k = key.partition("@")
+    metric = _METRICS.get(family)
+    if metric is None:
+        return key
+    return (f"{metric.short}@{k}" if k else metric.short) if short else metric.title
 
 
 def normalize_ks(ks: int | Sequence[int]) -> tuple[int, ...]:
@@ -52,12 +189,16 @@ def normalize_ks(ks: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def metric_names(ks: int | Sequence[int], metrics: Sequence[str] = METRICS) -> list[str]:
-    """Metric names in canonical order: by increasing K, then precision, recall, ndcg (``"recall@10"``)."""
-    unknown = [m for m in metrics if m not in METRICS]
+def metric_names(ks: int | Sequence[int], metrics: Sequence[str] | None = None) -> list[str]:
+    """Metric names in canonical order: by increasing K, then the registry's order (precision, recall, ndcg, then any
+    registered later), e.g. ``"recall@10"``. ``metrics``: a subset of the registered families (default: all)."""
+    known = available_metrics()
+    if metrics is None:
+        metrics = known
+    unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; expected some of {METRICS}")
-    return [f"{m}@{k}" for k in normalize_ks(ks) for m in METRICS if m in metrics]
+        raise ValueError(f"unknown metric(s) {unknown}; expected some of {known}")
+    return [f"{m}@{k}" for k in normalize_ks(ks) for m in known if m in metrics]
 
 
 def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -136,15 +277,18 @@ def discounts(kmax: int, *, dtype: torch.dtype = torch.float64, device: torch.de
 
 
 def rank_metrics(
-    hits: Tensor, num_positives: Tensor, ks: int | Sequence[int], *, ndcg: str = "standard"
+    hits: Tensor, num_positives: Tensor, ks: int | Sequence[int], *, ndcg: str = "standard",
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Precision, Recall and NDCG at every K, per row, as float64 ``[B]`` tensors keyed like ``"ndcg@10"``.
+    """Every registered metric (or those of ``metrics``) at every K, per row, as float64 ``[B]`` tensors keyed like
+    ``"ndcg@10"``.
 
     Args:
         hits: ``[B, K_max]`` bool, ``hits[b, r]`` = the item at rank ``r`` of row ``b`` is a positive.
         num_positives: ``[B]`` size of each row's positive set :math:`|P|`.
         ks: the cut-offs; each must be ``<= K_max``.
         ndcg: ``"standard"`` or ``"official"`` (the released code's IDCG).
+        metrics: families to compute (default: every registered one).
 
     Rows without positives get 0 for every metric (the evaluator skips such users before this point).
     Keys follow :func:`metric_names`.
@@ -154,29 +298,49 @@ def rank_metrics(
     if hits.dtype != torch.bool or hits.dim() != 2:
         raise ValueError(f"hits must be a bool [B, K_max] matrix, got {hits.dtype} {tuple(hits.shape)}")
     ks = normalize_ks(ks)
+    names = metric_names(ks, metrics)
     num_rows, kmax = hits.shape
     if ks[-1] > kmax:
         raise ValueError(f"K = {ks[-1]} exceeds the {kmax} ranked positions in hits")
     if num_positives.shape != (num_rows,):
         raise ValueError(f"num_positives must have shape ({num_rows},), got {tuple(num_positives.shape)}")
-    num_positives = num_positives.to(device=hits.device, dtype=torch.float64)
-    hit_count = hits.to(torch.float64).cumsum(1)  # [B, K_max]: hits within the first r+1 positions
-    if bool((hit_count[:, -1] > num_positives).any()):
+    ranked = RankedLists(hits, num_positives.to(device=hits.device, dtype=torch.float64), ndcg)
+    if bool((ranked.hit_count[:, -1] > ranked.num_positives).any()):
         raise ValueError("a row has more hits than positives; hits and num_positives disagree")
-
-    discount = discounts(kmax, device=hits.device)
-    dcg = (hits.to(torch.float64) * discount).cumsum(1)
-    # ideal[n] = DCG of n hits at the top ranks (ideal[0] = 0).
-    ideal = torch.cat([discount.new_zeros(1), discount.cumsum(0)])
     out: dict[str, Tensor] = {}
-    for k in ks:
-        hits_k = hit_count[:, k - 1]
-        if ndcg == "standard":
-            ideal_positions = num_positives.clamp(max=k)  # min(|P|, K)
-        else:
-            ideal_positions = hits_k  # the released code's: min(hits, K); hits <= K already
-        idcg = ideal[ideal_positions.long()]
-        out[f"precision@{k}"] = hits_k / k
-        out[f"recall@{k}"] = torch.where(num_positives > 0, hits_k / num_positives.clamp(min=1.0), 0.0)
-        out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg[:, k - 1] / idcg.clamp(min=1e-300), 0.0)
-    return {name: out[name] for name in metric_names(ks)}
+    for name in names:
+        family, _, k = name.partition("@")
+        value = _METRICS[family].compute(ranked, int(k))
+        if not isinstance(value, Tensor) or value.shape != (num_rows,):
+            raise ValueError(f"metric {family!r} returned {type(value).__name__} "
+                             f"{tuple(getattr(value, 'shape', ()))}; expected a [{num_rows}] tensor")
+        out[name] = value.to(torch.float64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The built-in metrics (docs/protocol.md, "Metrics")
+
+
+@register_metric("precision", title="Precision", short="P", order=10)
+def precision(ranked: RankedLists, k: int) -> Tensor:
+    """hits / K."""
+    return ranked.hits_at(k) / k
+
+
+@register_metric("recall", title="Recall", short="R", order=20)
+def recall(ranked: RankedLists, k: int) -> Tensor:
+    """hits / |P| (0 without positives)."""
+    num_positives = ranked.num_positives
+    return torch.where(num_positives > 0, ranked.hits_at(k) / num_positives.clamp(min=1.0), 0.0)
+
+
+@register_metric("ndcg", title="NDCG", short="NDCG", order=30)
+def ndcg(ranked: RankedLists, k: int) -> Tensor:
+    """DCG@K over the ideal DCG of min(|P|, K) positions (``"standard"``) or min(hits, K) (``"official"``)."""
+    if ranked.ndcg == "standard":
+        ideal_positions = ranked.num_positives.clamp(max=k)  # min(|P|, K)
+    else:
+        ideal_positions = ranked.hits_at(k)  # the released code's: min(hits, K); hits <= K already
+    idcg = ranked.ideal[ideal_positions.long()]
+    return torch.where(idcg > 0, ranked.dcg[:, k - 1] / idcg.clamp(min=1e-300), 0.0)

@@ -6,6 +6,10 @@ detected from its files (``train.npy`` / ``user_item_train_dict.npy``: official;
 optionally followed by ``?inject_noise=<rate>[&noise_seed=<int>][&noise_sampler=popularity|uniform]`` to add
 labelled false-positive training edges (docs/protocol.md, "Splitting and noise injection") for the noise-robustness
 experiment.
+
+Formats are found in a registry (:mod:`.formats`): each format module registers its loader with
+``@register_format``, with a detector (directory formats) or a spec prefix (``synthetic:``), so a new format is one
+module and nothing here changes (docs/extending.md, "A dataset format").
 """
 
 from __future__ import annotations
@@ -15,43 +19,57 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from .base import DatasetCard, DatasetError, DatasetInfo, InteractionGraph, RecDataset, WordBags
+from .formats import (
+    DatasetFormat,
+    available_formats,
+    detect_format,
+    get_format,
+    register_format,
+    scheme_formats,
+    unregister_format,
+)
 from .mmrec import load_mmrec, write_mmrec
 from .noise import inject_noise
-from .official import TRAIN_FILES, load_official, write_official
+from .official import load_official, write_official
 from .sampling import NegativeSampler, sample_negatives
 from .split import split_per_user
-from .synthetic import PRESETS, coerce_override, generate_synthetic
+from .synthetic import PRESETS, generate_synthetic
 
 __all__ = [
     "PRESETS",
     "DatasetCard",
     "DatasetError",
+    "DatasetFormat",
     "DatasetInfo",
     "DatasetSpec",
     "InteractionGraph",
     "NegativeSampler",
     "RecDataset",
     "WordBags",
+    "available_formats",
     "detect_format",
     "generate_synthetic",
+    "get_format",
     "inject_noise",
     "load_dataset",
     "load_mmrec",
     "load_official",
     "parse_spec",
+    "register_format",
     "sample_negatives",
     "split_per_user",
+    "unregister_format",
     "write_mmrec",
     "write_official",
 ]
 
-FORMATS = ("official", "mmrec")
 SYNTHETIC_PREFIX = "synthetic:"
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A parsed dataset spec: ``kind`` is ``"synthetic"`` (``target`` = preset) or ``"path"`` (``target`` = dir)."""
+    """A parsed dataset spec: ``kind`` is ``"path"`` (``target`` = directory) or the name of the format whose scheme
+    the spec starts with (``"synthetic"``, ``target`` = preset)."""
 
     kind: str
     target: str
@@ -59,31 +77,24 @@ class DatasetSpec:
 
 
 def parse_spec(spec: str) -> DatasetSpec:
-    """Parse ``synthetic:<preset>[?k=v&...]`` (overrides typed and checked) or a directory path.
+    """Parse ``<scheme>:<body>`` with the scheme's own parser (``synthetic:<preset>[?k=v&...]``: overrides typed and
+    checked) or a directory path with its options.
 
     Raises:
-        DatasetError: unknown preset, unknown override key (the message lists the valid ones), a value of the
-            wrong type, or a key given twice.
+        DatasetError: what the scheme's parser refuses (for ``synthetic:``: an unknown preset, an unknown override
+            key with the valid ones, a value of the wrong type, a key given twice), or a bad directory option.
     """
     spec = str(spec)
-    if not spec.startswith(SYNTHETIC_PREFIX):
-        path, _, query = spec.partition("?")
-        if not query or Path(spec).exists():  # a directory whose name holds a '?' is still a directory
-            return DatasetSpec("path", spec)
-        return DatasetSpec("path", path, _path_options(spec, query))
-    preset, _, query = spec[len(SYNTHETIC_PREFIX):].partition("?")
-    if preset not in PRESETS:
-        raise DatasetError(spec, f"unknown synthetic preset {preset!r}", f"one of {', '.join(PRESETS)}")
-    options: dict[str, object] = {}
-    try:
-        items = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
-    except ValueError:
-        raise DatasetError(spec, f"malformed parameters {query!r}", "key=value pairs joined by &") from None
-    for key, value in items:
-        if key in options:
-            raise DatasetError(spec, f"parameter {key!r} given twice", "each parameter once")
-        options[key] = coerce_override(key, value, spec)
-    return DatasetSpec("synthetic", preset, options)
+    for scheme in scheme_formats():
+        prefix = scheme.prefix
+        assert prefix is not None
+        if spec.startswith(prefix):
+            target, options = scheme.parse(spec[len(prefix):], spec)
+            return DatasetSpec(scheme.name, target, dict(options))
+    path, _, query = spec.partition("?")
+    if not query or Path(spec).exists():  # a directory whose name holds a '?' is still a directory
+        return DatasetSpec("path", spec)
+    return DatasetSpec("path", path, _path_options(spec, query))
 
 
 #: Options a directory spec may carry after ``?``: noise injection for the robustness experiment.
@@ -116,23 +127,6 @@ def _path_options(spec: str, query: str) -> dict[str, object]:
     return options
 
 
-def detect_format(path: str | Path) -> str:
-    """``"official"`` or ``"mmrec"`` from the files in ``path``."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DatasetError(root, "no such dataset directory", "a directory or synthetic:<preset>")
-    official = any((root / name).is_file() for name in TRAIN_FILES)
-    mmrec = any(root.glob("*.inter"))
-    if official and mmrec:
-        raise DatasetError(root, "holds both official (train.npy) and MMRec (*.inter) files", "format= to choose")
-    if official:
-        return "official"
-    if mmrec:
-        return "mmrec"
-    raise DatasetError(root, "no dataset files found",
-                       f"{' or '.join(TRAIN_FILES)} (official format) or a *.inter file (MMRec format)")
-
-
 def load_dataset(
     spec: str,
     *,
@@ -145,8 +139,9 @@ def load_dataset(
     """Load a dataset from a spec string (see the module docstring).
 
     Args:
-        spec: ``synthetic:<preset>[?k=v&...]`` or a dataset directory.
-        format: ``"official"`` or ``"mmrec"`` to skip detection (directories only).
+        spec: ``synthetic:<preset>[?k=v&...]`` (or another registered scheme) or a dataset directory.
+        format: a directory format's name (``"official"``, ``"mmrec"``, or one registered by a plugin) to skip
+            detection (directories only).
         num_users, num_items: override the inferred sizes (directories only; synthetic sizes are overrides).
         drop_leaking_pairs: drop held-out pairs that duplicate training pairs, with a warning, instead of failing.
         split_seed: seed of the per-user 8:1:1 split wherever this suite splits (unsplit files, synthetic data);
@@ -156,25 +151,30 @@ def load_dataset(
         DatasetError: every problem with the spec or the files.
     """
     parsed = parse_spec(spec)
-    if parsed.kind == "synthetic":
-        if format is not None or num_users is not None or num_items is not None:
-            raise DatasetError(spec, "format / num_users / num_items apply to directories only",
-                               "synthetic sizes as overrides, e.g. synthetic:tiktok?users=2000&items=5000")
-        options = dict(parsed.options)
-        if split_seed != 0:  # the default stays out of the dataset's name
-            options.setdefault("split_seed", split_seed)
-        return generate_synthetic(parsed.target, **options)
-    if format is None:
-        format = detect_format(parsed.target)
-    if format == "official":
-        dataset = load_official(parsed.target, num_users=num_users, num_items=num_items,
-                                drop_leaking_pairs=drop_leaking_pairs, split_seed=split_seed)
-    elif format == "mmrec":
-        dataset = load_mmrec(parsed.target, num_users=num_users, num_items=num_items,
-                             drop_leaking_pairs=drop_leaking_pairs, split_seed=split_seed)
-    else:
-        raise DatasetError(spec, f"unknown format {format!r}", f"one of {', '.join(FORMATS)}")
+    if parsed.kind != "path":  # a scheme's spec (synthetic:...): its format's loader, no detection
+        if format is not None:
+            raise DatasetError(spec, f"format={format!r} applies to directories only", f"no format= with {spec}")
+        scheme = next(f for f in scheme_formats() if f.name == parsed.kind)
+        return scheme.load(parsed.target, parsed.options, num_users=num_users, num_items=num_items,
+                           drop_leaking_pairs=drop_leaking_pairs, split_seed=split_seed)
+    loader = get_format(format if format is not None else detect_format(parsed.target), spec).load
+    dataset = loader(parsed.target, num_users=num_users, num_items=num_items, drop_leaking_pairs=drop_leaking_pairs,
+                     split_seed=split_seed)
     if "inject_noise" in parsed.options:
         dataset = inject_noise(dataset, float(parsed.options["inject_noise"]), int(parsed.options.get("noise_seed", 0)),
                                sampler=str(parsed.options.get("noise_sampler", "popularity")))
     return dataset
+
+
+def _import_format_modules() -> None:
+    """Import every module of this package, so that a format module added to it registers itself with nothing else
+    to change (one file = one format; the modules above are imported already)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if not module.ispkg:
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_format_modules()

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from .base import MODALITIES, SPLITS, DatasetError, RecDataset
+from .formats import register_format
 from .safeio import load_npy, present, sha256_file
 from .split import split_per_user
 from .validate import MAX_ID, canonical_pairs, validate
 
-__all__ = ["FEATURE_FILES", "find_inter_file", "load_mmrec", "write_mmrec"]
+__all__ = ["FEATURE_FILES", "find_inter_file", "load_mmrec", "looks_mmrec", "write_mmrec"]
 
 FEATURE_FILES = {"v": "image_feat.npy", "a": "audio_feat.npy", "t": "text_feat.npy"}
 COLUMNS = ("userID", "itemID", "x_label")
@@ -58,6 +59,12 @@ def _read_inter(file: Path) -> pd.DataFrame:
     return table
 
 
+def looks_mmrec(root: Path) -> bool:
+    """Whether ``root`` holds a ``*.inter`` file."""
+    return any(root.glob("*.inter"))
+
+
+@register_format("mmrec", detect=looks_mmrec, title="MMRec", looks_like="a *.inter file", order=20)
 def load_mmrec(
     path: str | Path,
     *,

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from .base import MODALITIES, DatasetError, RecDataset
+from .formats import register_format
 from .safeio import load_npy, load_pt, present, sha256_file
 from .split import split_per_user
 from .validate import canonical_pairs, check_pairs, validate
 
-__all__ = ["FEATURE_FILES", "load_official", "write_official"]
+__all__ = ["FEATURE_FILES", "load_official", "looks_official", "write_official"]
 
 #: Accepted file names per modality, in the order they are looked for; at most one may be present.
 FEATURE_FILES: dict[str, tuple[str, ...]] = {
@@ -121,6 +122,12 @@ def _is_word_ids(value: np.ndarray | torch.Tensor) -> bool:
     return (not value.is_floating_point()) if isinstance(value, torch.Tensor) else value.dtype.kind in "iu"
 
 
+def looks_official(root: Path) -> bool:
+    """Whether ``root`` holds an official training file (``train.npy`` or ``user_item_train_dict.npy``)."""
+    return any((root / name).is_file() for name in TRAIN_FILES)
+
+
+@register_format("official", detect=looks_official, looks_like=" or ".join(TRAIN_FILES), order=10)
 def load_official(
     path: str | Path,
     *,

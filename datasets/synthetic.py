@@ -72,16 +72,18 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
+from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
 from .base import MODALITIES, DatasetError, RecDataset
+from .formats import register_format
 from .split import TRAIN, split_per_user
 from .validate import validate
 
-__all__ = ["PRESETS", "SyntheticParams", "SyntheticPreset", "SyntheticWorld", "generate_synthetic", "resolve_params",
-           "simulate"]
+__all__ = ["PRESETS", "SyntheticParams", "SyntheticPreset", "SyntheticWorld", "generate_synthetic",
+           "load_synthetic_spec", "parse_synthetic_spec", "resolve_params", "simulate"]
 
 _BLOCK = 64  # columns per block of the two-level inverse CDF
 _CHUNK_ELEMENTS = 1 << 25  # users x items per chunk of the preference matrix (128 MB of float32)
@@ -634,3 +636,50 @@ def generate_synthetic(preset: str = "tiny", **overrides: object) -> RecDataset:
         split_seed=params.split_seed,
         parameters=parameters,
     )
+
+
+def parse_synthetic_spec(body: str, spec: str) -> tuple[str, dict[str, object]]:
+    """The preset and typed overrides of ``synthetic:<preset>[?k=v&...]`` (``body`` is the spec after the colon).
+
+    Raises:
+        DatasetError: unknown preset, unknown override key (the message lists the valid ones), a value of the
+            wrong type, or a key given twice.
+    """
+    preset, _, query = body.partition("?")
+    if preset not in PRESETS:
+        raise DatasetError(spec, f"unknown synthetic preset {preset!r}", f"one of {', '.join(PRESETS)}")
+    options: dict[str, object] = {}
+    try:
+        items = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise DatasetError(spec, f"malformed parameters {query!r}", "key=value pairs joined by &") from None
+    for key, value in items:
+        if key in options:
+            raise DatasetError(spec, f"parameter {key!r} given twice", "each parameter once")
+        options[key] = coerce_override(key, value, spec)
+    return preset, options
+
+
+@register_format("synthetic", scheme="synthetic", parse=parse_synthetic_spec, looks_like="synthetic:<preset>",
+                 order=30)
+def load_synthetic_spec(
+    preset: str,
+    options: Mapping[str, object],
+    *,
+    num_users: int | None = None,
+    num_items: int | None = None,
+    drop_leaking_pairs: bool = False,
+    split_seed: int = 0,
+) -> RecDataset:
+    """Generate the dataset of a ``synthetic:<preset>[?k=v&...]`` spec (:func:`generate_synthetic`, its overrides).
+
+    Sizes come as overrides (``users=``, ``items=``), so ``num_users`` / ``num_items`` are refused; a generated
+    dataset has no leaking pairs to drop. ``split_seed`` applies unless the spec sets its own.
+    """
+    if num_users is not None or num_items is not None:
+        raise DatasetError(f"synthetic:{preset}", "format / num_users / num_items apply to directories only",
+                           "synthetic sizes as overrides, e.g. synthetic:tiktok?users=2000&items=5000")
+    overrides = dict(options)
+    if split_seed != 0:  # the default stays out of the dataset's name
+        overrides.setdefault("split_seed", split_seed)
+    return generate_synthetic(preset, **overrides)

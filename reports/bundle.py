@@ -6,6 +6,11 @@ The report opens with Table 2, Table 3, Figure 3, Figure 4, the noise-robustness
 that order; each only when its group has results), then the training curves, the selected hyper-parameters, the
 cells that did not finish ok (with reasons), the dataset cards, the environment and per-cell timings.
 
+Each part is a *section* in a registry: ``@register_section(name, order=...)`` on a function
+``(bundle, context) -> selections or None`` that adds its blocks to the :class:`Bundle` from the results in the
+:class:`ReportContext`, or adds nothing when they hold nothing for it. ``write_report`` runs every registered section
+by ``order``, so a new section (in this package or a plugin) is one function (docs/extending.md, "A report section").
+
 Reports only read: the store, ``experiment.json`` and, for the Popularity reference rows and the t-SNE figure's
 training items, the datasets themselves (``grcn_bench.datasets.load_dataset``). They never train. Both documents are
 built from the same blocks, so the HTML needs no Markdown converter.
@@ -19,8 +24,9 @@ import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .curves import routing_figure, routing_series, training_curves_figure
 from .plotting import save_figure
@@ -49,6 +55,9 @@ from .tables import (
     to_markdown,
 )
 from .tsne import Neighbourhood, choose_users, id_columns, tsne_figure
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("grcn_bench.reports")
 
@@ -239,6 +248,111 @@ def table_records(table: Table) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The section registry
+
+
+@dataclass
+class ReportContext:
+    """What every section reads: the results, the report's settings, and what the sections before it selected.
+
+    Attributes:
+        results: the results directory joined with ``experiment.json`` (:func:`~.selection.load_results`); take a
+            group's runs with ``results.group(name)`` and select with :func:`~.selection.select`.
+        reference: whether Table 2 gets the Popularity reference row.
+        tsne_users, tsne_seed: Figure 4's user draw.
+        cache: datasets loaded once per report (``_load_dataset(spec, context.cache)``).
+        selections: the selections each section returned so far, by section name, in order.
+    """
+
+    results: Results
+    reference: bool = True
+    tsne_users: int = 5
+    tsne_seed: int = 0
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    selections: dict[str, list[Selection]] = dataclasses.field(default_factory=dict)
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        """Every stored cell as a DataFrame (:func:`~.frame.results_frame`), read on first use."""
+        from .frame import results_frame
+
+        return results_frame(self.results.root)
+
+    @cached_property
+    def unique_runs(self) -> list[Run]:
+        """One run per cell id, in request order (a cell two groups asked for ran once)."""
+        return self.results.unique_runs()
+
+    def selected(self) -> list[Selection]:
+        """Every selection the sections so far returned, in section order."""
+        return [s for group in self.selections.values() for s in group]
+
+
+#: ``section(bundle, context) -> selections or None``: adds the section's blocks, or nothing.
+SectionFunction = Callable[[Bundle, ReportContext], "Sequence[Selection] | None"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A registered report section and its place in the document (lowest ``order`` first)."""
+
+    name: str
+    render: SectionFunction
+    order: float
+
+
+_SECTIONS: dict[str, Section] = {}
+
+
+def register_section(name: str, *, order: float) -> Callable[[SectionFunction], SectionFunction]:
+    """Decorator that registers ``section(bundle, context)`` as the report section ``name`` at ``order``.
+
+    The function adds its headings, tables, figures and notes to ``bundle`` (:class:`Bundle`), reading the results
+    from ``context`` (:class:`ReportContext`), and adds nothing when they hold nothing for it, so that the report
+    leaves it out. It may return the :class:`~.selection.Selection` objects it shows: those of every section before
+    ``"selection"`` are listed in the "Selected hyper-parameters" table.
+
+    The built-in sections, by order: ``title`` 0; ``table2`` 100, ``table3`` 200, ``fig3`` 300, ``fig4`` 400,
+    ``noise`` 500, ``audit`` 600 (the paper's items); ``training_curves`` 700, ``selection`` 800, ``status`` 900,
+    ``cards`` 1000, ``environment`` 1100, ``timings`` 1200. Equal orders keep registration order.
+
+    Raises:
+        ValueError: ``name`` is already registered to another function.
+    """
+
+    def decorate(render: SectionFunction) -> SectionFunction:
+        if not callable(render):
+            raise TypeError(f"@register_section({name!r}) decorates a function (bundle, context), got {render!r}")
+        entry = Section(name, render, order)
+        if name in _SECTIONS and _SECTIONS[name] != entry:
+            raise ValueError(f"a report section named {name!r} is already registered "
+                             f"({getattr(_SECTIONS[name].render, '__qualname__', _SECTIONS[name].render)})")
+        _SECTIONS[name] = entry
+        return render
+
+    return decorate
+
+
+def unregister_section(name: str) -> None:
+    """Remove a section from the registry (for tests that register throwaway sections)."""
+    _SECTIONS.pop(name, None)
+
+
+def get_section(name: str) -> Section:
+    """The registered section ``name``; an unknown name lists the known ones."""
+    try:
+        return _SECTIONS[name]
+    except KeyError:
+        raise KeyError(f"unknown report section {name!r}; available sections: {', '.join(available_sections())}"
+                       ) from None
+
+
+def available_sections() -> list[str]:
+    """Names of the registered sections in document order."""
+    return [section.name for section in sorted(_SECTIONS.values(), key=lambda section: section.order)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sections
 
 
@@ -276,8 +390,31 @@ def _unusable_note(selections: Sequence[Selection]) -> list[str]:
     return [f"{s.label} on {s.dataset}: no usable result (see 'Cells not ok')." for s in selections if not s.ok]
 
 
-def section_table2(bundle: Bundle, results: Results, *, reference: bool, cache: dict[str, Any]) -> list[Selection]:
-    selections = select(results.group("table2"))
+def _reuse_note(results: Results) -> str:
+    reused = list(dict.fromkeys(results.search.get("reused", [])))
+    if not reused:
+        return ""
+    return f" These rows take the lr and λ selected for another row on the same dataset: {'; '.join(reused)}."
+
+
+@register_section("title", order=0)
+def section_title(bundle: Bundle, context: ReportContext) -> None:
+    """The title, the experiment's description and how its hyper-parameters were searched."""
+    results = context.results
+    bundle.heading(f"grcn-bench report: {results.name}", level=1)
+    if results.description:
+        bundle.note(results.description)
+    # Which search and seed policy produced every table below (docs/protocol.md, "Hyper-parameter search").
+    unfinished = " The search has not finished: rerun the same command to resume it; these tables are partial." \
+        if results.search.get("complete") is False else ""
+    bundle.note(f"Hyper-parameters: {results.search_policy}.{_reuse_note(results)}{unfinished}")
+
+
+@register_section("table2", order=100)
+def section_table2(bundle: Bundle, context: ReportContext) -> list[Selection]:
+    """Table 2: the comparison of the models, per protocol, with its significance tests."""
+    reference, cache = context.reference, context.cache
+    selections = select(context.results.group("table2"))
     if not selections:
         return []
     published = load_published("table2")
@@ -306,8 +443,10 @@ def _multimodal(selection: Selection) -> bool:
     return card is None or len(card.get("modalities") or {}) >= 2
 
 
-def section_table3(bundle: Bundle, results: Results) -> list[Selection]:
-    selections = select(results.group("table3"))
+@register_section("table3", order=200)
+def section_table3(bundle: Bundle, context: ReportContext) -> list[Selection]:
+    """Table 3: the ablation of GRCN's pruning operations (multimodal datasets only)."""
+    selections = select(context.results.group("table3"))
     kept = [s for s in selections if _multimodal(s)]
     if not kept:
         return selections
@@ -334,8 +473,10 @@ def _default_option(model: str, name: str, fallback: Any) -> Any:
     return fallback if default is inspect.Parameter.empty else default
 
 
-def section_fig3(bundle: Bundle, results: Results) -> list[Selection]:
-    selections = [s for s in select(results.group("fig3")) if s.protocol == "standard"]
+@register_section("fig3", order=300)
+def section_fig3(bundle: Bundle, context: ReportContext) -> list[Selection]:
+    """Figure 3: test metrics against the routing iterations."""
+    selections = [s for s in select(context.results.group("fig3")) if s.protocol == "standard"]
     if not selections:
         return []
     bundle.heading("Figure 3: routing iterations of the prototypical network")
@@ -367,9 +508,11 @@ def _embedding_panel(selection: Selection) -> tuple[str, Any, Any] | None:
             arrays["item_embedding"][:, columns])
 
 
-def section_fig4(bundle: Bundle, results: Results, *, users: int, seed: int, cache: dict[str, Any]
-                 ) -> list[Selection]:
-    selections = [s for s in select(results.group("fig4")) if s.protocol == "standard"]
+@register_section("fig4", order=400)
+def section_fig4(bundle: Bundle, context: ReportContext) -> list[Selection]:
+    """Figure 4: t-SNE of the stored ID embeddings, one figure per dataset."""
+    users, seed, cache = context.tsne_users, context.tsne_seed, context.cache
+    selections = [s for s in select(context.results.group("fig4")) if s.protocol == "standard"]
     if not selections:
         return []
     bundle.heading("Figure 4: t-SNE of learned ID embeddings")
@@ -412,8 +555,10 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
-def section_noise(bundle: Bundle, results: Results) -> list[Selection]:
-    selections = [s for s in select(results.group("noise")) if s.protocol == "standard"]
+@register_section("noise", order=500)
+def section_noise(bundle: Bundle, context: ReportContext) -> list[Selection]:
+    """Noise robustness: test metrics against the rate of false positives, and the edge-weight AUC tables."""
+    selections = [s for s in select(context.results.group("noise")) if s.protocol == "standard"]
     if not selections:
         return []
     bundle.heading("Noise robustness: false-positive interactions")
@@ -433,8 +578,10 @@ def section_noise(bundle: Bundle, results: Results) -> list[Selection]:
     return selections
 
 
-def section_audit(bundle: Bundle, results: Results) -> list[Selection]:
-    selections = select(results.group("audit"))
+@register_section("audit", order=600)
+def section_audit(bundle: Bundle, context: ReportContext) -> list[Selection]:
+    """The protocol audit: each row under the standard and the released code's protocol."""
+    selections = select(context.results.group("audit"))
     rows = audit_rows(selections)
     if not rows:
         if selections:
@@ -446,8 +593,10 @@ def section_audit(bundle: Bundle, results: Results) -> list[Selection]:
     return selections
 
 
-def section_training_curves(bundle: Bundle, selections: Sequence[Selection]) -> None:
-    usable = [s for s in selections if s.ok and s.selection_split == "val"]
+@register_section("training_curves", order=700)
+def section_training_curves(bundle: Bundle, context: ReportContext) -> None:
+    """Validation Recall@10 per epoch of Table 2's selected hyper-parameters."""
+    usable = [s for s in context.selections.get("table2", []) if s.ok and s.selection_split == "val"]
     if not usable:
         return
     bundle.heading("Training curves")
@@ -455,9 +604,11 @@ def section_training_curves(bundle: Bundle, selections: Sequence[Selection]) -> 
                   "Validation Recall@10 per epoch of the selected hyper-parameters (every seed; dots: best epoch).")
 
 
-def section_selection(bundle: Bundle, selections: Sequence[Selection]) -> None:
+@register_section("selection", order=800)
+def section_selection(bundle: Bundle, context: ReportContext) -> None:
+    """The selected hyper-parameters of every selection the sections before this one returned."""
     # A configuration that two groups asked for (Table 2 and the audit's standard rows) is listed once.
-    unique = {tuple(sorted({run.cell_id for run in s.requested})) + (s.label,): s for s in selections}
+    unique = {tuple(sorted({run.cell_id for run in s.requested})) + (s.label,): s for s in context.selected()}
     selections = list(unique.values())
     if not selections:
         return
@@ -466,7 +617,10 @@ def section_selection(bundle: Bundle, selections: Sequence[Selection]) -> None:
     bundle.note("Every grid point with its score: ", bundle.csv("selection_grid", grid_records(selections)), ".")
 
 
-def section_status(bundle: Bundle, runs: Sequence[Run]) -> None:
+@register_section("status", order=900)
+def section_status(bundle: Bundle, context: ReportContext) -> None:
+    """How many cells finished in each status, and why those that are not ok are not."""
+    runs = context.unique_runs
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.status] = counts.get(run.status, 0) + 1
@@ -489,9 +643,11 @@ def section_status(bundle: Bundle, runs: Sequence[Run]) -> None:
                                                                         "status", "reason"])], rows))
 
 
-def section_cards(bundle: Bundle, runs: Sequence[Run]) -> None:
+@register_section("cards", order=1000)
+def section_cards(bundle: Bundle, context: ReportContext) -> None:
+    """The card of every dataset the runs trained on."""
     cards: dict[str, Mapping[str, Any]] = {}
-    for run in runs:
+    for run in context.unique_runs:
         if run.card and run.dataset not in cards:
             cards[run.dataset] = run.card
     if not cards:
@@ -513,9 +669,11 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [(str(k), str(v)) for k, v in card.items()]
 
 
-def section_environment(bundle: Bundle, runs: Sequence[Run]) -> None:
+@register_section("environment", order=1100)
+def section_environment(bundle: Bundle, context: ReportContext) -> None:
+    """The software and hardware of the runs, one column per distinct environment."""
     environments: dict[str, tuple[Mapping[str, Any], int]] = {}
-    for run in runs:
+    for run in context.unique_runs:
         env = (run.result or {}).get("environment")
         if env:
             key = repr(sorted(env.items()))
@@ -529,9 +687,11 @@ def section_environment(bundle: Bundle, runs: Sequence[Run]) -> None:
     bundle.table("environment", Table("Environment of the runs", "field", [("", columns)], rows))
 
 
-def section_timings(bundle: Bundle, runs: Sequence[Run]) -> None:
+@register_section("timings", order=1200)
+def section_timings(bundle: Bundle, context: ReportContext) -> None:
+    """Seconds, epochs and peak memory of every cell."""
     records, rows = [], []
-    for run in runs:
+    for run in context.unique_runs:
         if run.result is None:
             continue
         r = run.result
@@ -562,13 +722,6 @@ def section_timings(bundle: Bundle, runs: Sequence[Run]) -> None:
 # Entry point
 
 
-def _reuse_note(results: Results) -> str:
-    reused = list(dict.fromkeys(results.search.get("reused", [])))
-    if not reused:
-        return ""
-    return f" These rows take the lr and λ selected for another row on the same dataset: {'; '.join(reused)}."
-
-
 def write_report(results_dir: Path, *, reference_rows: bool | None = None, tsne_users: int | None = None,
                  tsne_seed: int | None = None) -> Path:
     """Write ``<results_dir>/report.md`` and ``report.html`` (and the pieces under ``report/``); returns the
@@ -583,30 +736,18 @@ def write_report(results_dir: Path, *, reference_rows: bool | None = None, tsne_
     """
     results = load_results(results_dir)
     settings = results.report
-    reference = settings.get("popularity", True) if reference_rows is None else reference_rows
-    users = int(settings.get("tsne_users", 5) if tsne_users is None else tsne_users)
-    seed = int(settings.get("tsne_seed", 0) if tsne_seed is None else tsne_seed)
+    context = ReportContext(
+        results,
+        reference=settings.get("popularity", True) if reference_rows is None else reference_rows,
+        tsne_users=int(settings.get("tsne_users", 5) if tsne_users is None else tsne_users),
+        tsne_seed=int(settings.get("tsne_seed", 0) if tsne_seed is None else tsne_seed),
+    )
     root = Path(results_dir)
     bundle = Bundle(root)
-    bundle.heading(f"grcn-bench report: {results.name}", level=1)
-    if results.description:
-        bundle.note(results.description)
-    # Which search and seed policy produced every table below (docs/protocol.md, "Hyper-parameter search").
-    unfinished = " The search has not finished: rerun the same command to resume it; these tables are partial." \
-        if results.search.get("complete") is False else ""
-    bundle.note(f"Hyper-parameters: {results.search_policy}.{_reuse_note(results)}{unfinished}")
-    cache: dict[str, Any] = {}
-    table2 = section_table2(bundle, results, reference=reference, cache=cache)
-    groups = [table2, section_table3(bundle, results), section_fig3(bundle, results),
-              section_fig4(bundle, results, users=users, seed=seed, cache=cache), section_noise(bundle, results),
-              section_audit(bundle, results)]
-    section_training_curves(bundle, table2)
-    section_selection(bundle, [s for group in groups for s in group])
-    unique = results.unique_runs()
-    section_status(bundle, unique)
-    section_cards(bundle, unique)
-    section_environment(bundle, unique)
-    section_timings(bundle, unique)
+    for name in available_sections():
+        selections = _SECTIONS[name].render(bundle, context)
+        if selections is not None:
+            context.selections[name] = list(selections)
     markdown = root / "report.md"
     markdown.write_text(render_markdown(bundle.blocks))
     (root / "report.html").write_text(render_html(bundle.blocks, title=f"grcn-bench report: {results.name}"))

@@ -6,9 +6,10 @@ each format renders them its own way; Markdown and HTML go through ``tabulate``.
 the column groups (one per dataset) need ``\\multicolumn``, which ``tabulate`` cannot express; it uses ``booktabs``.
 
 Comparison tables follow the paper: rows in the paper's order (then any other rows, then reference rows such as
-Popularity), one column group per dataset with Precision, Recall and NDCG @10, the best value per column in bold,
-a ``%Improv.`` row (GRCN over the strongest other row per metric) and ``*`` where GRCN's improvement is significant
-(:mod:`grcn_bench.reports.stats`: with two or more seeds, on every seed; with one, over users only). Each table's
+Popularity), one column group per dataset with Precision, Recall and NDCG @10 (then any other metric of the
+registry, :func:`table_metrics`), the best value per column in bold, a ``%Improv.`` row (GRCN over the strongest
+other row per metric) and ``*`` where GRCN's improvement is significant (:mod:`grcn_bench.reports.stats`: with two
+or more seeds, on every seed; with one, over users only). Each table's
 notes, its significance table and its CSV records say which test produced each star. When a dataset is one of the
 paper's (official format, the paper's sizes), a "paper" row block shows the published numbers
 (``reports/data/paper_table{2,3}.csv``).
@@ -20,7 +21,7 @@ import csv
 import html
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,11 +29,43 @@ from typing import Any, Protocol
 
 from tabulate import tabulate
 
+from grcn_bench.benchmarks.metrics import available_metrics, metric_title, reported_metrics
+
 from .stats import Sample, SeedTest, improvement, seed_test
 
-TABLE_METRICS = ("precision@10", "recall@10", "ndcg@10")
-METRIC_TITLES = {"precision@10": "Precision", "recall@10": "Recall", "ndcg@10": "NDCG"}
-SHORT_TITLES = {"precision@10": "P@10", "recall@10": "R@10", "ndcg@10": "NDCG@10"}
+#: The metric columns of the paper's Tables 2 and 3 (``reports/data/paper_table*.csv``).
+PUBLISHED_METRICS = ("precision@10", "recall@10", "ndcg@10")
+
+
+class _Titles(Mapping[str, str]):
+    """How tables name a metric key (``"recall@10"``), read from the metric registry when asked, so that a metric a
+    plugin registers is titled like the built-in ones: ``METRIC_TITLES`` gives column titles (``Recall``),
+    ``SHORT_TITLES`` compact labels (``R@10``)."""
+
+    def __init__(self, short: bool):
+        self.short = short
+
+    def __getitem__(self, key: str) -> str:
+        if key.partition("@")[0] not in available_metrics():
+            raise KeyError(key)
+        return metric_title(key, short=self.short)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(reported_metrics())
+
+    def __len__(self) -> int:
+        return len(reported_metrics())
+
+
+METRIC_TITLES: Mapping[str, str] = _Titles(short=False)
+SHORT_TITLES: Mapping[str, str] = _Titles(short=True)
+
+
+def table_metrics() -> tuple[str, ...]:
+    """The metric columns of the comparison and audit tables: every registered metric shown in reports, at 10
+    (Precision, Recall, NDCG, then any registered later)."""
+    return reported_metrics(10)
+
 TABLE2_ORDER = ("GraphSAGE", "MMGCN", "NGCF", "DisenGCN", "GAT", "GRCN")
 TABLE3_ORDER = ("Visual", "Acoustic", "Textual", "GRCN_max", "GRCN_mean", "GRCN_hard", "GRCN")
 PROPOSED = "GRCN"
@@ -252,7 +285,7 @@ def load_published(name: str) -> Published:
     values, significant, improvements = {}, {}, {}
     for record in csv.DictReader(lines):
         dataset, row = record["dataset"], record["row"]
-        metrics = {m: float(record[m]) for m in TABLE_METRICS}
+        metrics = {m: float(record[m]) for m in PUBLISHED_METRICS}
         datasets.setdefault(dataset, None)
         if row == "%Improv.":
             improvements[dataset] = metrics
@@ -345,7 +378,7 @@ def build_comparison(
     title: str,
     order: Sequence[str] = TABLE2_ORDER,
     proposed: str | None = PROPOSED,
-    metrics: Sequence[str] = TABLE_METRICS,
+    metrics: Sequence[str] | None = None,
     published: Published | None = None,
     cards: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Comparison:
@@ -353,7 +386,9 @@ def build_comparison(
     the improvement of ``proposed`` over it and the paired tests between their per-user values.
 
     ``cards`` maps a dataset spec to its card (for the paper's names); by default the rows' own cards are used.
+    ``metrics``: the columns (default :func:`table_metrics`, from the metric registry).
     """
+    metrics = table_metrics() if metrics is None else tuple(metrics)
     table: dict[tuple[str, str], RowLike] = {}
     arrays: dict[int, Any] = {}
     for row in rows:
@@ -591,7 +626,8 @@ def audit_rows(selections: Sequence[Any]) -> list[AuditRow]:
     return sorted(rows, key=lambda r: (datasets.index(r.dataset), order.index(r.label)))
 
 
-def audit_table(rows: Sequence[AuditRow], *, metrics: Sequence[str] = TABLE_METRICS) -> Table:
+def audit_table(rows: Sequence[AuditRow], *, metrics: Sequence[str] | None = None) -> Table:
+    metrics = table_metrics() if metrics is None else metrics
     groups = [(SHORT_TITLES.get(m, m), ["standard", "official-grcn", "ratio"]) for m in metrics]
     out = []
     for row in rows:
@@ -613,7 +649,8 @@ def audit_table(rows: Sequence[AuditRow], *, metrics: Sequence[str] = TABLE_METR
     return Table("Protocol audit: test metrics @10 under both protocols", "dataset: model", groups, out, notes)
 
 
-def audit_records(rows: Sequence[AuditRow], *, metrics: Sequence[str] = TABLE_METRICS) -> list[dict[str, Any]]:
+def audit_records(rows: Sequence[AuditRow], *, metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    metrics = table_metrics() if metrics is None else metrics
     return [{"dataset": r.dataset, "row": r.label, "metric": m, "standard": r.standard.test_mean(m),
              "standard_std": r.standard.test_std(m), "official_grcn": r.official.test_mean(m),
              "official_grcn_std": r.official.test_std(m), "ratio": r.ratio(m), "difference": r.difference(m)}
