@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Cell, Experiment, SearchSettings
 from .memory import keep_freed_memory
-from .search import Plan, estimate, plan_experiment, run_search
+from .search import Plan, derivable, estimate, plan_experiment, run_search
 from .store import ResultStore
 
 DEFAULT_RESULTS = Path("results")
@@ -128,13 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="Ray cluster to join (e.g. auto, 10.0.0.1:6379); default: a local "
                                            "session on 127.0.0.1. Workers need --out on a shared filesystem")
     run.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                     help="import a module or .py file here and in every worker first (e.g. to register your own "
-                          "models); repeatable")
+                     help="import a module or .py file here and in every worker first (to register your own models, "
+                          "dataset formats, metrics or report sections); repeatable")
 
-    sub.add_parser("list", help="list registered models, experiment presets and synthetic dataset presets")
+    listing = sub.add_parser("list", help="list registered models, dataset formats, metrics and report sections, "
+                                          "experiment presets and synthetic dataset presets")
+    _add_plugin_option(listing)
 
     describe = sub.add_parser("describe", help="print a dataset's card (counts, density, modalities, checksums)")
     describe.add_argument("dataset", nargs="+", help="synthetic:<preset>[?k=v&...] or a directory")
+    _add_plugin_option(describe)
 
     from .perf import add_perf_parser
 
@@ -142,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.md and report.html for a results directory")
     report.add_argument("results", type=Path, help="results directory written by `run`")
+    _add_plugin_option(report)
 
     compare = sub.add_parser("compare-search",
                              help="exhaustive grid against successive halving: selected points, spread and cost")
@@ -152,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also replay other halving schedules from the grid's histories (no training), e.g. "
                               "10,3,2 or 10,3,1,lr (halving within each learning rate)")
     return parser
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """``--plugin`` for the commands that read results or data: the plugins that registered a dataset format, a
+    metric or a report section for ``run`` are needed to describe, list or report too."""
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module or .py file first (one that registers models, dataset formats, metrics "
+                             "or report sections); repeatable")
 
 
 _GLOBAL_FLAGS = ("-h", "--help", "-v", "--verbose")
@@ -173,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args = build_parser().parse_args([*argv, "run"])
     try:
+        if command in ("list", "describe", "report"):
+            from .executors import load_plugins
+
+            load_plugins(args.plugin)
         if command == "run":
             return cmd_run(args)
         if command == "list":
@@ -210,9 +226,11 @@ def cmd_list() -> int:
     from tabulate import tabulate
 
     from grcn_bench.datasets import PRESETS
+    from grcn_bench.datasets.formats import registered_formats
     from grcn_bench.models import available_models, get_model
 
     from .config import available_experiments, load_experiment
+    from .metrics import available_metrics, get_metric
 
     rows = [(name, _first_line(get_model(name).__doc__)) for name in available_models()]
     print(tabulate(rows, headers=["model", "description"], tablefmt="github"))
@@ -225,6 +243,19 @@ def cmd_list() -> int:
     print()
     rows = [(f"synthetic:{name}", _first_line(getattr(preset, "description", ""))) for name, preset in PRESETS.items()]
     print(tabulate(rows, headers=["dataset preset", "description"], tablefmt="github"))
+    print()
+    rows = [(f.name, f.looks_like or f.name, _first_line(f.load.__doc__)) for f in registered_formats()]
+    print(tabulate(rows, headers=["dataset format", "recognised by", "loader"], tablefmt="github"))
+    print()
+    rows = [(name, get_metric(name).title, _first_line(get_metric(name).compute.__doc__))
+            for name in available_metrics()]
+    print(tabulate(rows, headers=["metric", "title", "definition"], tablefmt="github"))
+    print()
+    from grcn_bench.reports.bundle import available_sections, get_section
+
+    rows = [(name, f"{get_section(name).order:g}", _first_line(get_section(name).render.__doc__))
+            for name in available_sections()]
+    print(tabulate(rows, headers=["report section", "order", "content"], tablefmt="github"))
     return 0
 
 
@@ -342,12 +373,17 @@ def print_plan(experiment: Experiment, store: ResultStore) -> int:
     for label, dataset, source, options in plan.waiting:
         shown = f" {json.dumps(options, sort_keys=True)}" if options else ""
         print(f"# waiting {label}{shown}  {dataset}: takes lr and λ from {source}'s selection, once that is done")
+    derived_now, derived_later = derivable(plan, store)
+    derived = {cell.cell_id for cell in derived_now}
     for cell in plan.pending:
         kind = f"rung {cell.settings.max_epochs}ep" if not cell.final else "run"
-        print(f"{cell.cell_id}  {kind:11s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
+        kind += " derived" if cell.cell_id in derived else ""
+        print(f"{cell.cell_id}  {kind:19s}  {cell.label}  {cell.dataset}  lr={cell.settings.lr} "
               f"reg={cell.settings.reg_weight} seed={cell.settings.seed}  [{cell.group}]")
     guess = estimate(experiment, store)
-    print(f"{len(plan.pending)} cells in the next round; the whole search from scratch: {guess.rung_cells} rung "
+    print(f"{len(plan.pending)} cells in the next round ({len(derived_now)} derived from standard runs' audit "
+          f"records, no training; {len(derived_later)} more once their standard twin in this round has run); the "
+          f"whole search from scratch: {guess.rung_cells} rung "
           f"cells ({guess.rung_epochs} epochs at most) and {guess.runs} runs to early stopping, about "
           f"{guess.epochs:,.0f} epochs ({guess.assumption}), at most {guess.max_epochs:,} epochs", file=sys.stderr)
     return 0

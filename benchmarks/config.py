@@ -73,6 +73,10 @@ class Cell:
     ``options`` are the model's typed keyword arguments. ``label`` (the row name in reports, e.g. "GRCN_max") and
     ``group`` (the table or figure that asked for it, e.g. "table3") are presentation only: they are not part of the
     id, so a cell that two tables need is trained once.
+
+    ``audit`` asks a standard-protocol run to also evaluate every epoch as its released-protocol twin would, for the
+    protocol audit (docs/protocol.md, "Protocol audit"). It changes nothing the cell stores in ``cells/`` (only an
+    extra file in ``audit/``), so it is neither part of the id nor of equality: existing stores stay valid.
     """
 
     model: str
@@ -82,6 +86,7 @@ class Cell:
     label: str = ""
     group: str = ""
     final: bool = True
+    audit: bool = field(default=False, compare=False)
 
     def canonical(self) -> dict[str, Any]:
         """The identity of the cell as plain JSON data (sorted keys at every level when serialised).

@@ -19,6 +19,11 @@ A rung is the first ``budget`` epochs of a run: training does not depend on ``ma
 is exactly the prefix of the finished run, early stopping included. Rungs restart from scratch instead of from a
 checkpoint, so that the committed store (results, no checkpoints) is all a resumed search needs; the repeated
 epochs count in the search's cost (``grcn-bench compare-search``).
+
+For the protocol audit, the standard runs whose released-protocol twins the experiment asks for record the twin's
+evaluation (:func:`audit_twins`), and a twin waits one round for its standard run (:func:`audit_round`), so that the
+runner derives it from the record instead of training it (docs/protocol.md, "Protocol audit"). No decision here reads
+the record.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SELECTION_METRIC, Cell, Experiment, ModelEntry, SearchSettings
-from .runner import CLAIMED
+from .runner import CLAIMED, arrays_intact, official_from_twin
 from .store import CorruptEntryError, ResultStore
 
 Point = tuple[float, float]  # (lr, λ)
@@ -320,6 +325,56 @@ def drop_unselected_embeddings(experiment: Experiment, store: ResultStore, plan:
                 store.drop_arrays(cell.cell_id, EMBEDDINGS)
 
 
+def standard_twin_id(cell: Cell) -> str | None:
+    """The id of the standard-protocol run a released-protocol ``cell`` can be derived from (``None`` for a standard
+    cell): the same cell, rung or finished run, under the standard protocol."""
+    return None if cell.settings.protocol == "standard" else cell.with_settings(protocol="standard").cell_id
+
+
+def audit_twins(experiment: Experiment) -> frozenset[str]:
+    """Ids of the standard runs that record their released-protocol evaluation (docs/protocol.md, "Protocol
+    audit"): the twins of every released-protocol cell the experiment may ask for (each searched point and seed,
+    its halving rungs on the selection seeds, and every point of a reused entry, whose selection is not known yet).
+    Other standard runs record nothing: the record costs one more full-ranking test evaluation per epoch."""
+    official: list[Cell] = []
+    for study in studies(experiment):
+        if study.template.settings.protocol == "standard":
+            continue
+        official += [study.cell(p, s) for p in study.points for s in study.seeds]
+        if study.search.method == "halving":
+            rungs, _ = halving_rungs(study.points, study.search, study.template.settings.max_epochs)
+            official += [study.cell(p, s, budget=budget) for _, budget in rungs for p in study.points
+                         for s in study.selection_seeds]
+    points = [(float(lr), float(reg)) for lr in experiment.lr for reg in experiment.reg]
+    for entry in experiment.models:
+        if entry.tuned_from is None:
+            continue
+        official += [template.with_settings(lr=lr, reg_weight=reg, seed=int(seed))
+                     for template in _templates(experiment, entry) if template.settings.protocol != "standard"
+                     for lr, reg in points for seed in experiment.seeds]
+    return frozenset(twin for cell in official if (twin := standard_twin_id(cell)) is not None)
+
+
+def audit_round(cells: Sequence[Cell], twins: frozenset[str]) -> list[Cell]:
+    """A round's cells as they run: the standard twins in ``twins`` record the audit (``Cell.audit``, not part of
+    their id), and a released-protocol cell whose twin is in the same round waits for the next one, where it can be
+    derived from the twin's record instead of trained."""
+    cells = [dataclasses.replace(c, audit=True) if c.cell_id in twins else c for c in cells]
+    ids = {c.cell_id for c in cells}
+    return [c for c in cells if standard_twin_id(c) not in ids]
+
+
+def derivable(plan: Plan, store: ResultStore, data_digest: Callable[[str], str] | None = None
+              ) -> tuple[list[Cell], list[Cell]]:
+    """The next round's released-protocol cells that will be derived from a standard twin's audit record, not
+    trained: those derivable now, and those whose audited twin runs in the same round first (they are derived if
+    its record covers their stop, else trained)."""
+    twins = {c.cell_id for c in plan.pending}
+    now = [c for c in plan.pending if official_from_twin(c, store, data_digest) is not None]
+    later = [c for c in plan.pending if c not in now and standard_twin_id(c) in twins]
+    return now, later
+
+
 def _current_digest(spec: str) -> str:
     from .runner import cached_dataset
 
@@ -382,8 +437,8 @@ def run_search(
             if retry_failed:  # a damaged entry is a failure too: rerun it
                 return False
             raise
-        if retry_failed and result.get("status") == "failed":
-            return False
+        if retry_failed and (result.get("status") == "failed" or not arrays_intact(store, cell_id)):
+            return False  # a damaged .npz too
         stored = (result.get("dataset_card") or {}).get("digest")
         spec = (result.get("cell") or {}).get("dataset")
         if stored and spec:
@@ -394,6 +449,7 @@ def run_search(
         return True
 
     results: list[dict[str, Any]] = []
+    twins = audit_twins(experiment)
     while True:
         plan = plan_experiment(experiment, store, finished)
         if stale:
@@ -401,7 +457,7 @@ def run_search(
         drop_unselected_embeddings(experiment, store, plan)
         if on_plan is not None:
             on_plan(plan)
-        todo = [c for c in plan.pending if c.cell_id not in ran]
+        todo = audit_round([c for c in plan.pending if c.cell_id not in ran], twins)
         if not todo:
             return plan, results
         keep = frozenset(c.cell_id for c in plan.requests if keeps_embeddings(experiment, c))

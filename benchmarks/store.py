@@ -7,6 +7,9 @@ Layout of a results directory::
     <out>/checkpoints/<cell_id>.pt  best state during training (removed when the cell finishes)
     <out>/logs/<cell_id>.log      one line per epoch
     <out>/claims/<cell_id>.lock   held (flock) by the process training the cell, so that no two runners train it
+    <out>/audit/<cell_id>.json    a standard run's released-protocol evaluation, per epoch (the protocol audit only;
+    <out>/audit/<cell_id>.npz     docs/protocol.md, "Protocol audit"), and its per-user test values; no selection or
+                                  table reads them, only :func:`~.runner.official_from_twin`
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over its final name
 (``os.replace`` is atomic on POSIX), so a crash or a kill at any moment leaves either the complete file or none.
@@ -62,6 +65,7 @@ class ResultStore:
         self.cells_dir = self.root / "cells"
         self.checkpoints_dir = self.root / "checkpoints"
         self.logs_dir = self.root / "logs"
+        self.audit_dir = self.root / "audit"
 
     def result_path(self, cell_id: str) -> Path:
         return self.cells_dir / f"{cell_id}.json"
@@ -74,6 +78,12 @@ class ResultStore:
 
     def log_path(self, cell_id: str) -> Path:
         return self.logs_dir / f"{cell_id}.log"
+
+    def audit_path(self, cell_id: str) -> Path:
+        return self.audit_dir / f"{cell_id}.json"
+
+    def audit_arrays_path(self, cell_id: str) -> Path:
+        return self.audit_dir / f"{cell_id}.npz"
 
     def has(self, cell_id: str) -> bool:
         return self.result_path(cell_id).is_file()
@@ -107,9 +117,46 @@ class ResultStore:
             raise CorruptEntryError(path, f"not a cell result ({shown})")
         return result
 
+    def write_audit(self, cell_id: str, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Store a standard run's audit record (docs/protocol.md, "Protocol audit"), as :meth:`write` stores a
+        result: the arrays first, the JSON last, each atomically."""
+        self._write_npz(self.audit_arrays_path(cell_id), arrays)
+        payload = json.dumps(record, indent=1, sort_keys=True, default=_json_default, allow_nan=True)
+        atomic_write_bytes(self.audit_path(cell_id), payload.encode())
+
+    def remove_audit(self, cell_id: str) -> None:
+        """Drop a cell's audit record (the JSON first: a record never lacks its arrays)."""
+        self.audit_path(cell_id).unlink(missing_ok=True)
+        self.audit_arrays_path(cell_id).unlink(missing_ok=True)
+
+    def read_audit(self, cell_id: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """A standard run's audit record and its arrays, or ``None`` when it has none. Only the derivation of a
+        released-protocol result reads it (:func:`~.runner.official_from_twin`); a damaged record raises
+        :class:`CorruptEntryError`."""
+        path = self.audit_path(cell_id)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptEntryError(path, f"not JSON ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epochs"), list):
+            raise CorruptEntryError(path, "not an audit record")
+        return record, self._read_npz(self.audit_arrays_path(cell_id))
+
+    def _write_npz(self, path: Path, arrays: Mapping[str, np.ndarray] | None) -> None:
+        if arrays:
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+            atomic_write_bytes(path, buffer.getvalue())
+        else:
+            path.unlink(missing_ok=True)
+
     def read_arrays(self, cell_id: str) -> dict[str, np.ndarray]:
         """Per-user arrays of a cell (empty when it stored none). Plain arrays only: no pickles are loaded."""
-        path = self.arrays_path(cell_id)
+        return self._read_npz(self.arrays_path(cell_id))
+
+    def _read_npz(self, path: Path) -> dict[str, np.ndarray]:
         if not path.is_file():
             return {}
         try:

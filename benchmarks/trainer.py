@@ -5,7 +5,9 @@ not trained on (redrawn every epoch, seeded generator); batches of 1024; every b
 forward (``Recommender.batch_forward``: bit for bit its results, computed over the batch's receptive field by the
 models that can), the shared loss (BPR + λ·ego-L2) and an Adam step. After every epoch the validation metrics decide
 early stopping on Recall@10 with patience 20; the best state is kept (in memory, and as a checkpoint when a path is
-given) and restored at the end. A non-finite loss stops the run with status ``diverged``.
+given) and restored at the end. A non-finite loss stops the run with status ``diverged``. For the protocol audit a
+standard run can also evaluate every epoch as its released-protocol twin would (:class:`AuditTrack`); its own
+selection and stopping never read that.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +37,116 @@ log = logging.getLogger("grcn_bench.trainer")
 
 #: ``validate(model, epoch) -> {metric: value}``; must include Recall@10.
 Validator = Callable[[Recommender, int], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """Early stopping's state (docs/protocol.md, "Training"): the best selection Recall@10 so far and its epoch.
+
+    One pure step per epoch, shared by :func:`fit` and by :func:`replay_stopping`, so that the protocol audit's
+    replay of a released-protocol run on recorded metrics stops where training that run would have stopped. Only a
+    strictly better value moves the best epoch (a tie or a NaN does not).
+    """
+
+    best_epoch: int = 0
+    best_value: float = -math.inf
+
+    def step(self, epoch: int, value: float) -> Stopping:
+        """The state after ``epoch`` scored ``value``; its ``best_epoch`` is ``epoch`` when the epoch improved."""
+        return Stopping(epoch, value) if value > self.best_value else self
+
+    def stops(self, epoch: int, patience: int) -> bool:
+        """Whether training stops after ``epoch``: ``patience`` epochs without a better value."""
+        return epoch - self.best_epoch >= patience
+
+
+def early_stop_reason(patience: int) -> str:
+    return f"early stop: no better validation {SELECTION_METRIC} for {patience} epochs"
+
+
+def max_epochs_reason(max_epochs: int) -> str:
+    return f"reached max_epochs={max_epochs}"
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Where a run stops, replayed from its per-epoch selection values."""
+
+    best_epoch: int
+    epochs_run: int
+    stop_reason: str
+
+
+def replay_stopping(values: Sequence[float], patience: int, max_epochs: int) -> Replay | None:
+    """Where :func:`fit` stops a run whose epochs score ``values`` (epoch 1 first), with :class:`Stopping`.
+
+    ``None`` when the run would train past the last value: the values cannot tell where it stops.
+    """
+    state = Stopping()
+    for epoch, value in enumerate(values[:max_epochs], start=1):
+        state = state.step(epoch, value)
+        if state.stops(epoch, patience):
+            return Replay(state.best_epoch, epoch, early_stop_reason(patience))
+    if len(values) >= max_epochs:
+        return Replay(state.best_epoch, max_epochs, max_epochs_reason(max_epochs))
+    return None
+
+
+#: ``evaluate(model, epoch) -> ({metric: value}, {name: per-user array})``: one evaluation and its per-user values.
+ArrayValidator = Callable[[Recommender, int], tuple[dict[str, float], dict[str, np.ndarray]]]
+
+
+@dataclass
+class AuditTrack:
+    """The released protocol's twin of a standard run, evaluated beside it (docs/protocol.md, "Protocol audit").
+
+    Training is the same under both protocols (batches, negatives, seeds, updates); only evaluation and early
+    stopping differ, and evaluation draws no random numbers and leaves the model as it found it. So after every
+    epoch the model is the one the released-protocol run at the same settings would have, and ``evaluate`` gives
+    what that run's validator computes (its test metrics, with the per-user values). The track replays that run's
+    early stopping with :class:`Stopping` and evaluates until it would have stopped. At every epoch that run would
+    keep as its best, ``capture`` adds what it computes once, from its best state, after training (its validation
+    metrics, edge-weight AUC) and the per-user test values are kept; ``capture`` is ``None`` for a halving rung,
+    which computes neither. The standard run's own selection, stopping and checkpoint never read the track.
+
+    An evaluation that raises ends the track with its ``error``; the epochs before it stay valid.
+    """
+
+    evaluate: ArrayValidator
+    capture: Callable[[Recommender, int], dict[str, Any]] | None
+    patience: int
+    max_epochs: int
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    stopping: Stopping = field(default_factory=Stopping)
+    stopped: bool = False
+    error: str | None = None
+
+    def observe(self, model: Recommender, epoch: int, loss: float) -> None:
+        """Evaluate the model after ``epoch`` as the released-protocol run would (nothing once it has stopped)."""
+        if self.stopped or self.error is not None:
+            return
+        try:
+            started = time.perf_counter()
+            metrics, arrays = self.evaluate(model, epoch)
+            seconds = time.perf_counter() - started
+            state = self.stopping.step(epoch, metrics[SELECTION_METRIC])
+            if state.best_epoch == epoch and self.capture is not None:
+                self.best = {"epoch": epoch, "test_seconds": seconds, **self.capture(model, epoch)}
+                self.arrays = dict(arrays)
+        except Exception as err:  # the standard run must go on: the released-protocol run would have failed here
+            self.error = f"epoch {epoch}: {type(err).__name__}: {err}"
+            log.warning("audit evaluation stopped: %s", self.error)
+            return
+        self.epochs.append({"epoch": epoch, "loss": loss, "metrics": metrics, "eval_seconds": seconds})
+        self.stopping = state
+        self.stopped = state.stops(epoch, self.patience) or epoch >= self.max_epochs
+
+    def record(self) -> dict[str, Any]:
+        """The audit record (``audit/<cell_id>.json``); the per-user values are :attr:`arrays`."""
+        return {"protocol": "official-grcn", "epochs": self.epochs, "best": self.best, "stopped": self.stopped,
+                "error": self.error}
 
 
 @dataclass
@@ -127,6 +240,7 @@ def fit(
     progress: bool = True,
     description: str = "",
     epoch_log: Callable[[str], None] | None = None,
+    audit: AuditTrack | None = None,
 ) -> FitResult:
     """Train ``model`` on ``dataset`` and leave it in its best state.
 
@@ -139,6 +253,8 @@ def fit(
         checkpoint_path: where the best state is also written (atomically) whenever it improves.
         progress: show a tqdm bar over epochs with the current validation Recall@10.
         epoch_log: receives one line per epoch (loss, metrics, seconds).
+        audit: also evaluates every epoch as the released protocol's run at the same settings would (the protocol
+            audit; :class:`AuditTrack`), after this run's own bookkeeping, which never reads it.
     """
     generator = seed_everything(settings.seed)
     device = torch.device(device)
@@ -146,7 +262,7 @@ def fit(
     indptr, items = dataset.user_items("train")
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     result = FitResult(status="ok", best_epoch=0, best_metrics={})
-    best_value = -math.inf
+    stopping = Stopping()
     bar = _progress_bar(settings.max_epochs, description, progress)
     try:
         for epoch in range(1, settings.max_epochs + 1):
@@ -154,7 +270,7 @@ def fit(
             users, pos, neg = epoch_triplets(dataset.train, indptr, items, dataset.num_items, generator)
             # At the paper's scale an epoch takes minutes on a CPU: a batch bar shows up once one runs over 2 s.
             with _batch_bar(users.numel(), settings.batch_size, epoch, progress) as batch_bar:
-                loss = _train_epoch(model, graph, users, pos, neg, settings, optimizer, device,
+                loss = train_epoch(model, graph, users, pos, neg, settings, optimizer, device,
                                     on_batch=batch_bar.update)
             train_seconds = time.perf_counter() - started
             if not math.isfinite(loss):
@@ -168,22 +284,24 @@ def fit(
             record = EpochRecord(epoch, loss, metrics, train_seconds, eval_seconds)
             result.history.append(record)
             value = metrics[SELECTION_METRIC]
-            if value > best_value:
-                best_value, result.best_epoch, result.best_metrics = value, epoch, dict(metrics)
+            stopping = stopping.step(epoch, value)
+            if stopping.best_epoch == epoch:
+                result.best_epoch, result.best_metrics = epoch, dict(metrics)
                 result.best_state = snapshot(model)
                 if checkpoint_path is not None:
                     save_checkpoint(result.best_state, checkpoint_path)
             if epoch_log is not None:
-                epoch_log(_epoch_line(record, result.best_epoch))
-            bar.set_postfix_str(f"loss {loss:.4f} val R@10 {value:.4f} best {best_value:.4f}@{result.best_epoch}")
+                epoch_log(epoch_line(record, result.best_epoch))
+            bar.set_postfix_str(f"loss {loss:.4f} val R@10 {value:.4f} best {stopping.best_value:.4f}@"
+                                f"{result.best_epoch}")
             bar.update(1)
-            if epoch - result.best_epoch >= settings.patience:
-                result.stop_reason = (
-                    f"early stop: no better validation {SELECTION_METRIC} for {settings.patience} epochs"
-                )
+            if audit is not None:
+                audit.observe(model, epoch, loss)
+            if stopping.stops(epoch, settings.patience):
+                result.stop_reason = early_stop_reason(settings.patience)
                 break
         else:
-            result.stop_reason = f"reached max_epochs={settings.max_epochs}"
+            result.stop_reason = max_epochs_reason(settings.max_epochs)
     finally:
         bar.close()
     if result.best_state is not None:
@@ -191,7 +309,7 @@ def fit(
     return result
 
 
-def _train_epoch(
+def train_epoch(
     model: Recommender,
     graph: InteractionGraph,
     users: Tensor,
@@ -226,7 +344,8 @@ def _train_epoch(
     return total / max(1, batches)
 
 
-def _epoch_line(record: EpochRecord, best_epoch: int) -> str:
+def epoch_line(record: EpochRecord, best_epoch: int) -> str:
+    """One line of a cell's log (``logs/<cell_id>.log``)."""
     metrics = " ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
     return (
         f"epoch {record.epoch:4d} loss {record.loss:.5f} {metrics} "

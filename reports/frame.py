@@ -13,7 +13,9 @@ notebook can re-derive any table number::
 
 Successive halving's rungs (partial runs with no test metrics) are rows too, with ``stage == "rung"``; pass
 ``rungs=False`` to leave them out. ``in_search`` marks the cells the experiment's search trained (its runs and the
-rungs it decided on), as opposed to leftovers of another search in the same directory.
+rungs it decided on), as opposed to leftovers of another search in the same directory. ``derived`` marks the
+released-protocol runs that were derived from their standard twin's audit record instead of trained (docs/protocol.md,
+"Protocol audit"); ``derived_from`` names that twin, and their ``seconds`` are the derivation's.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from grcn_bench.benchmarks.store import ResultStore
 from .selection import load_results, select
 
 COLUMNS = ("cell_id", "label", "group", "model", "dataset", "stage", "protocol", "lr", "reg_weight", "seed",
-           "max_epochs", "patience", "batch_size", "options", "status", "selected", "in_search", "best_epoch",
-           "epochs_run", "seconds", "cpu_seconds", "test_seconds")
+           "max_epochs", "patience", "batch_size", "options", "status", "selected", "in_search", "derived",
+           "derived_from", "best_epoch", "epochs_run", "seconds", "cpu_seconds", "test_seconds")
 
 
 def results_frame(results_dir: str | Path, *, rungs: bool = True) -> pd.DataFrame:
@@ -91,6 +93,8 @@ def _row(cell: Mapping[str, Any], result: Mapping[str, Any], *, group: str, labe
         "options": json.dumps(cell.get("options", {}), sort_keys=True),
         "status": result.get("status"),
         "selected": selected,
+        "derived": bool(result.get("derived_from")),
+        "derived_from": result.get("derived_from") or "",
         "best_epoch": result.get("best_epoch"),
         "epochs_run": result.get("epochs_run"),
         "seconds": result.get("seconds"),

@@ -516,3 +516,29 @@ def test_a_reused_entry_takes_the_point_searched_under_its_own_protocol(tmp_path
     plan = plan_experiment(experiment, store)
     assert [s.selected for s in plan.studies] == [(LRS[0], REGS[0]), (LRS[1], REGS[0])]
     assert {(c.settings.lr, c.settings.protocol) for c in plan.reused} == {(LRS[1], "standard")}
+
+
+def test_the_paper_preset_records_the_audit_for_the_twins_of_its_released_protocol_cells():
+    from grcn_bench.benchmarks.search import audit_round, audit_twins, studies
+
+    experiment = load_experiment("paper")
+    twins = audit_twins(experiment)
+    audited = [s for s in studies(experiment) if s.template.settings.protocol == "standard"
+               and any(s.cell(p, 0).cell_id in twins for p in s.points)]
+    # Table 2's studies on the Tiktok-shaped preset (the audit's standard rows take their points) and the standard
+    # GRCN_official study: every point and seed, and the 10-epoch rungs that the released protocol's halving runs.
+    assert {(s.template.label, s.template.dataset) for s in audited} == {
+        (label, "synthetic:tiktok") for label in ("GraphSAGE", "MMGCN", "NGCF", "DisenGCN", "GAT", "GRCN",
+                                                  "GRCN_official")}
+    grcn = next(s for s in audited if s.template.label == "GRCN")
+    assert all(grcn.cell(p, seed).cell_id in twins for p in grcn.points for seed in (0, 1, 2))
+    assert all(grcn.cell(p, 0, budget=10).cell_id in twins for p in grcn.points)
+    assert not any(s.cell(p, 0).cell_id in twins for s in studies(experiment) for p in s.points
+                   if s.template.dataset != "synthetic:tiktok" or s.template.label == "BPR-MF")
+    # In a round, the twins record and a released-protocol cell waits for its twin.
+    standard = grcn.cell(grcn.points[0], 0, budget=10)
+    released = standard.with_settings(protocol="official-grcn")
+    other = standard.with_settings(seed=5)
+    ran = audit_round([released, standard, other], twins)
+    assert [c.cell_id for c in ran] == [standard.cell_id, other.cell_id] and ran[0].audit and not ran[1].audit
+    assert audit_round([released], twins) == [released]

@@ -63,3 +63,21 @@ def test_rerun_skips_stored_cells_unless_forced(tmp_path):
     assert pending_cells(cells, store) == [cells[2]]
     assert pending_cells(cells, store, retry_failed=True) == [cells[1], cells[2]]
     assert pending_cells(cells + cells, store, force=True) == cells
+
+
+def test_an_audit_record_round_trips_beside_the_results_and_is_never_one(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    order = []
+    real = store_module.atomic_write_bytes
+    monkeypatch.setattr(store_module, "atomic_write_bytes", lambda p, b: (order.append(p.suffix), real(p, b)))
+    assert store.read_audit("c") is None
+    store.write_audit("c", {"epochs": [{"epoch": 1}], "best": None}, {"test_users": np.arange(2)})
+    assert order == [".npz", ".json"]  # as a result: the arrays first
+    record, arrays = store.read_audit("c")
+    assert record["epochs"] == [{"epoch": 1}] and arrays["test_users"].tolist() == [0, 1]
+    assert store.cell_ids() == [] and list(store.results()) == []  # not a cell result
+    store.audit_path("c").write_text('{"status": "ok"}')
+    with pytest.raises(store_module.CorruptEntryError, match="not an audit record"):
+        store.read_audit("c")
+    store.remove_audit("c")
+    assert not store.audit_path("c").exists() and not store.audit_arrays_path("c").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +148,7 @@ def test_mf_beats_popularity_on_tiny(tmp_path):
 
 
 def test_train_epoch_reports_every_batch():
-    from grcn_bench.benchmarks.trainer import _train_epoch, seed_everything
+    from grcn_bench.benchmarks.trainer import seed_everything, train_epoch
 
     dataset = load_dataset("synthetic:tiny")
     generator = seed_everything(0)
@@ -156,6 +157,59 @@ def test_train_epoch_reports_every_batch():
     users, pos, neg = epoch_triplets(dataset.train, indptr, items, dataset.num_items, generator)
     settings = TrainSettings(batch_size=100)
     calls = []
-    loss = _train_epoch(model, dataset.graph(), users, pos, neg, settings, torch.optim.Adam(model.parameters()),
-                        torch.device("cpu"), on_batch=lambda: calls.append(1))
+    loss = train_epoch(model, dataset.graph(), users, pos, neg, settings, torch.optim.Adam(model.parameters()),
+                       torch.device("cpu"), on_batch=lambda: calls.append(1))
     assert math.isfinite(loss) and len(calls) == math.ceil(users.numel() / 100) > 1
+
+
+@pytest.mark.parametrize("curve, patience, max_epochs", [
+    ([0.10, 0.20, 0.35, 0.30, 0.34, 0.33, 0.35, 0.99], 4, 50),  # ties do not count as better
+    ([0.1, 0.2, 0.3, 0.4], 2, 4),  # still improving at max_epochs
+    ([0.3, float("nan"), 0.2, 0.1], 2, 10),  # a NaN never improves
+    ([0.1, 0.2, 0.1, 0.1], 2, 4),  # the stop and max_epochs in the same epoch: the stop's reason
+])
+def test_replaying_the_stopping_rule_on_a_curve_stops_where_fit_stops(tiny, curve, patience, max_epochs):
+    from grcn_bench.benchmarks.trainer import replay_stopping
+
+    settings = TrainSettings(lr=0.05, patience=patience, max_epochs=max_epochs)
+    fitted = fit(MF(tiny.info()), tiny, settings, lambda m, e: {"recall@10": curve[e - 1]}, progress=False)
+    replay = replay_stopping(curve, patience, max_epochs)
+    assert (replay.best_epoch, replay.epochs_run, replay.stop_reason) == \
+        (fitted.best_epoch, fitted.epochs_run, fitted.stop_reason)
+    assert replay_stopping(curve[: fitted.epochs_run - 1], patience, max_epochs) is None  # one epoch short
+
+
+def test_the_audit_track_follows_the_released_run_and_never_steers_the_standard_one(tiny):
+    from grcn_bench.benchmarks.trainer import AuditTrack
+
+    val = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    official = [0.5, 0.4, 0.3, 0.2, 0.9, 0.1]  # the released run would stop after epoch 3 (patience 2)
+    captured = []
+
+    def evaluate(model, epoch):
+        return {"recall@10": official[epoch - 1]}, {"test_users": np.array([epoch])}
+
+    def capture(model, epoch):
+        captured.append(epoch)
+        return {"val_metrics": {"recall@10": -epoch}}
+
+    settings = TrainSettings(lr=0.05, patience=2, max_epochs=6)
+    track = AuditTrack(evaluate, capture, settings.patience, settings.max_epochs)
+    with_track = fit(MF(tiny.info()), tiny, settings, lambda m, e: {"recall@10": val[e - 1]}, progress=False,
+                     audit=track)
+    assert with_track.best_epoch == 6 and with_track.epochs_run == 6  # the standard run's own curve decides
+    record = track.record()
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2, 3] and record["stopped"]  # nothing after its stop
+    assert [e["loss"] for e in record["epochs"]] == [h.loss for h in with_track.history[:3]]
+    assert captured == [1] and record["best"]["epoch"] == 1 and track.arrays["test_users"].tolist() == [1]
+
+    def failing(model, epoch):
+        if epoch == 2:
+            raise ValueError("NaN scores")
+        return evaluate(model, epoch)
+
+    broken = AuditTrack(failing, None, settings.patience, settings.max_epochs)
+    result = fit(MF(tiny.info()), tiny, settings, lambda m, e: {"recall@10": val[e - 1]}, progress=False,
+                 audit=broken)
+    assert result.status == "ok" and result.epochs_run == 6
+    assert [e["epoch"] for e in broken.record()["epochs"]] == [1] and "NaN scores" in broken.record()["error"]
