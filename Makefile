@@ -15,7 +15,7 @@ bench: install
 	$(PY) run_benchmarks.py run quick --executor process --threads-per-worker 1
 
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=20
 
 test-all: install
 	$(VENV)/bin/pytest -q -m ""

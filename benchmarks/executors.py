@@ -393,12 +393,74 @@ def start_local_ray(num_cpus: int, **init_options: Any):
         ray_constants.ENABLE_RAY_CLUSTER = False
     except (ImportError, AttributeError):
         pass
+    before = set(_descendants(os.getpid()))
     context = ray.init(num_cpus=num_cpus, include_dashboard=False, **init_options)
     address = ray.util.get_node_ip_address()
     if address != "127.0.0.1":
         ray.shutdown()
         raise RuntimeError(f"the local Ray session came up on {address}, not 127.0.0.1; refusing to run on it")
+    reap_on_exit([pid for pid in _descendants(os.getpid()) if pid not in before])
     return context
+
+
+# The reaper: blocks until its stdin reaches end of file, which happens when the process holding the other end exits
+# in any way (SIGKILL included), then kills each listed process that is still the one listed (same start time, so a
+# recycled pid is never hit). Plain Python, no imports from the suite: it must start fast and depend on nothing.
+_REAPER = """
+import os, signal, sys
+sys.stdin.buffer.read()
+for entry in sys.argv[1:]:
+    pid, started = entry.split(":")
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[19] != started:
+                continue
+        os.kill(int(pid), signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+"""
+_reapers: list[Any] = []
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``; none elsewhere), children before grandchildren."""
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        parent = queue.pop(0)
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            queue.extend(children)
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def reap_on_exit(pids: Sequence[int]) -> None:
+    """Make ``pids`` (a local Ray session's processes) die when this process does, even by SIGKILL.
+
+    Ray's own processes watch the driver or the raylet, but its dashboard and runtime-env agents only notice the
+    raylet's death after a polling period, and on a killed runner they are left behind meanwhile. A small reaper
+    process waits for this process to end (its stdin pipe closes) and kills what is left of them. Linux only; the
+    normal path (``ray.shutdown``) is unchanged, and the reaper then finds nothing to kill.
+    """
+    entries = [f"{pid}:{started}" for pid in pids if (started := _start_time(pid)) is not None]
+    if not entries:
+        return
+    import subprocess
+
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *entries], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _reapers.append(reaper)  # keeps the pipe's write end open for as long as this process lives
 
 
 def _ray_cell(cell: Cell, root: str, device: str, keep_embeddings: bool, threads: int, plugins: tuple[str, ...],

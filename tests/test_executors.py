@@ -333,6 +333,50 @@ def test_process_workers_die_with_a_killed_runner(tmp_path, plugin):
     assert not [pid for pid in workers if _alive(pid)], "workers outlived their runner"
 
 
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads Linux's /proc")
+def test_a_local_ray_session_dies_with_a_killed_runner(tmp_path, plugin):
+    if not HAS_RAY:
+        pytest.skip(f"Ray is not installed (optional extra: {RAY_INSTALL_HINT})")
+    out = tmp_path / "ray-orphans"
+    command = [sys.executable, str(REPO / "run_benchmarks.py"), "run", "--models", "exec_test_slow",
+               "--datasets", "synthetic:tiny", "--seeds", "0", "--max-epochs", "2", "--lr", "0.01",
+               "--executor", "ray", "--workers", "1", "--threads-per-worker", "1",
+               "--out", str(out), "--plugin", plugin, "--no-report", "--no-progress"]
+    runner = subprocess.Popen(command, env={**os.environ, "EXEC_TEST_SLEEP": "60"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    logs = ResultStore(out).logs_dir
+    deadline = time.monotonic() + 300  # Ray's start is slow on a busy machine
+    while runner.poll() is None and time.monotonic() < deadline and not list(logs.glob("*.log")):
+        time.sleep(0.1)  # the task is inside its cell: Ray's whole session is up
+    ray_processes = _descendants(runner.pid)
+    agents = [pid for pid in ray_processes if "Agent" in _command(pid)]
+    assert runner.poll() is None and list(logs.glob("*.log")) and agents, "the Ray session did not come up"
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    # Ray's agents notice a dead raylet only after a polling period of about a minute; the reaper ends them now.
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [(pid, _command(pid)) for pid in ray_processes if _alive(pid)], "Ray processes outlived the runner"
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        for child in _children(queue.pop()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 # ------------------------------------------------------------------------------------- cheap paths, no workers
 
 

@@ -42,9 +42,11 @@ def test_a_corrupt_entry_is_named_with_the_fix_and_force_recovers(tmp_path, fini
     if "npz" not in problem:  # the run reads the JSON to plan: one line, exit 2, nothing trained
         assert cli.main([*RUN, "--out", str(out)]) == 2
         assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {broken}: {problem}")
-    recover = "--retry-failed" if "npz" not in problem else "--force"  # a damaged JSON counts as a failure
-    assert cli.main([*RUN, "--out", str(out), recover]) == 0
-    assert store.read(cell_id)["status"] == "ok" and store.read_arrays(cell_id)["test_users"].size
+    # A damaged entry, JSON or arrays, counts as a failure: --retry-failed reruns it (and only it); so does --force.
+    for recover in ("--retry-failed", "--force"):
+        damage(store.result_path(cell_id), store.arrays_path(cell_id))
+        assert cli.main([*RUN, "--out", str(out), recover]) == 0
+        assert store.read(cell_id)["status"] == "ok" and store.read_arrays(cell_id)["test_users"].size
 
 
 def test_a_missing_dataset_fails_its_cells_with_one_line_and_exit_status_1(tmp_path, capsys):
