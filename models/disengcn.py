@@ -13,8 +13,8 @@ from torch import Tensor
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
-from .base import Embeddings, Recommender, xavier_embedding
-from .layers.content import ItemContentInput, node_inputs
+from .base import Embeddings
+from .baseline import GraphBaseline
 from .layers.disen import NeighRoutingConv
 from .ops import graph_pattern, receptive_field, rows_apply
 
@@ -24,7 +24,7 @@ READOUTS = ("last", "sum", "mean", "concat")
 
 
 @register_model("disengcn")
-class DisenGCN(Recommender):
+class DisenGCN(GraphBaseline):
     r"""DisenGCN on the user-item graph with item content as input.
 
     Layer 0 is :math:`\mathbf{y}^{(0)}_u = \mathbf{E}_u` for users and :math:`\mathbf{y}^{(0)}_i = \mathbf{E}_i +
@@ -92,18 +92,15 @@ class DisenGCN(Recommender):
         activation: str = "tanh",
         readout: str = "last",
     ):
-        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers)
         if num_channels < 1 or embedding_dim % num_channels:
             raise ValueError(f"embedding_dim ({embedding_dim}) must be a multiple of num_channels ({num_channels})")
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers, use_features=use_features)
         self.num_channels = num_channels
         self.routing_iterations = routing_iterations
         self.activation = activation
         self.readout = readout
-        self.user_embedding = xavier_embedding(data.num_users, embedding_dim)
-        self.item_embedding = xavier_embedding(data.num_items, embedding_dim)
-        self.content = ItemContentInput(data, embedding_dim) if use_features and data.modalities else None
         self.convs = torch.nn.ModuleList(
             NeighRoutingConv(
                 embedding_dim,
@@ -116,22 +113,14 @@ class DisenGCN(Recommender):
             for _ in range(num_layers)
         )
 
-    def reset_parameters(self) -> None:
-        torch.nn.init.xavier_uniform_(self.user_embedding)
-        torch.nn.init.xavier_uniform_(self.item_embedding)
-        if self.content is not None:
-            self.content.reset_parameters()
-        for conv in self.convs:
-            conv.reset_parameters()
-
     def forward(self, graph: InteractionGraph) -> Embeddings:
-        x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph)
+        x = self.layer0(graph)
         pattern = graph_pattern(graph)
         layers = [x]
         for conv in self.convs:
             x = conv(x, graph.edge_index, pattern=pattern)
             layers.append(x)
-        return Embeddings(*self.read_out(layers).split([self.num_users, self.num_items]))
+        return self.split(self.read_out(layers))
 
     def read_out(self, layers: list[Tensor]) -> Tensor:
         """:math:`\\mathbf{h}` from the layer outputs ``[y^(0), ..., y^(L)]`` (rows of the same nodes), by
@@ -154,7 +143,7 @@ class DisenGCN(Recommender):
         if not all(rows_apply(conv.lin.weight, graph.num_nodes) for conv in self.convs):
             return self(graph)
         field = receptive_field(graph, torch.cat([users, pos + self.num_users, neg + self.num_users]), self.num_layers)
-        x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph).index_select(0, field.nodes[0])
+        x = self.layer0(graph).index_select(0, field.nodes[0])
         layers = [x]
         for layer, conv in enumerate(self.convs, start=1):
             x = conv(x, graph.edge_index, field=field.layer(layer))
@@ -167,10 +156,10 @@ class DisenGCN(Recommender):
                 layers[layer] = layers[layer].index_select(0, positions)
         h = self.read_out(layers)
         full = h.new_zeros(graph.num_nodes, h.size(1)).index_copy_(0, batch, h)
-        return Embeddings(*full.split([self.num_users, self.num_items]))
+        return self.split(full)
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, features={self.content is not None}, channels={self.num_channels}, "
+            f"{super().extra_repr()}, channels={self.num_channels}, "
             f"routing_iterations={self.routing_iterations}, activation={self.activation}, readout={self.readout}"
         )

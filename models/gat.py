@@ -13,8 +13,8 @@ from torch import Tensor
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
-from .base import Embeddings, Recommender, xavier_embedding
-from .layers.content import ItemContentInput, node_inputs
+from .base import Embeddings
+from .baseline import GraphBaseline
 from .layers.edge_ops import CSRGATConv
 
 
@@ -25,7 +25,7 @@ def with_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 
 @register_model("gat")
-class GAT(Recommender):
+class GAT(GraphBaseline):
     r"""GAT with item content as input; its attention coefficients are its learned edge weights (docs/protocol.md,
     "Noise robustness").
 
@@ -83,13 +83,10 @@ class GAT(Recommender):
         attention_dropout: float = 0.0,
         negative_slope: float = 0.2,
     ):
-        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers)
         if heads < 1 or embedding_dim % heads:
             raise ValueError(f"embedding_dim ({embedding_dim}) must be a multiple of heads ({heads})")
+        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers, use_features=use_features)
         self.heads = heads
-        self.user_embedding = xavier_embedding(data.num_users, embedding_dim)
-        self.item_embedding = xavier_embedding(data.num_items, embedding_dim)
-        self.content = ItemContentInput(data, embedding_dim) if use_features and data.modalities else None
         options = dict(negative_slope=negative_slope, dropout=attention_dropout, add_self_loops=False)
         self.convs = torch.nn.ModuleList(
             CSRGATConv(embedding_dim, embedding_dim // heads, heads=heads, concat=True, **options)
@@ -98,16 +95,8 @@ class GAT(Recommender):
             for layer in range(num_layers)
         )
 
-    def reset_parameters(self) -> None:
-        torch.nn.init.xavier_uniform_(self.user_embedding)
-        torch.nn.init.xavier_uniform_(self.item_embedding)
-        if self.content is not None:
-            self.content.reset_parameters()
-        for conv in self.convs:
-            conv.reset_parameters()  # PyG's GATConv: glorot weights and attention vectors, zero bias
-
     def forward(self, graph: InteractionGraph) -> Embeddings:
-        x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph)
+        x = self.layer0(graph)
         edge_weight = None
         for layer, conv in enumerate(self.convs):
             # The graph stands for its edges plus one self-loop per node (with_self_loops), over CSR (see above).
@@ -116,7 +105,7 @@ class GAT(Recommender):
             else:
                 x, alpha = conv(x, graph, return_attention_weights=True)
                 edge_weight = alpha.mean(dim=-1)
-        return Embeddings(*x.split([self.num_users, self.num_items]), edge_weight)
+        return self.split(x, edge_weight)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, features={self.content is not None}, heads={self.heads}"
+        return f"{super().extra_repr()}, heads={self.heads}"

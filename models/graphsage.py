@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
-from .base import Embeddings, Recommender, xavier_embedding
-from .layers.content import ItemContentInput, node_inputs, reset_xavier
+from .base import Embeddings
+from .baseline import GraphBaseline
+from .layers.content import reset_xavier
 from .layers.edge_ops import CSRSAGEConv
 
 
 @register_model("graphsage")
-class GraphSAGE(Recommender):
+class GraphSAGE(GraphBaseline):
     r"""GraphSAGE with the mean aggregator, full neighbourhoods (no sampling).
 
     Layer 0 is :math:`\mathbf{h}^{(0)}_u = \mathbf{E}_u` for users and :math:`\mathbf{h}^{(0)}_i = \mathbf{E}_i +
@@ -66,35 +67,27 @@ class GraphSAGE(Recommender):
         normalize: bool = False,
         negative_slope: float = 0.01,
     ):
-        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers)
+        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers, use_features=use_features)
         self.normalize = normalize
         self.negative_slope = negative_slope
-        self.user_embedding = xavier_embedding(data.num_users, embedding_dim)
-        self.item_embedding = xavier_embedding(data.num_items, embedding_dim)
-        self.content = ItemContentInput(data, embedding_dim) if use_features and data.modalities else None
         self.convs = torch.nn.ModuleList(
             CSRSAGEConv(embedding_dim, embedding_dim, aggr="mean", root_weight=True, normalize=normalize)
             for _ in range(num_layers)
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        torch.nn.init.xavier_uniform_(self.user_embedding)
-        torch.nn.init.xavier_uniform_(self.item_embedding)
-        if self.content is not None:
-            self.content.reset_parameters()
-        for conv in self.convs:
-            conv.reset_parameters()  # the aggregation module; then the suite's initialisation for the weights
-            reset_xavier(conv.lin_l)
-            reset_xavier(conv.lin_r)
+    def reset_layer(self, conv: torch.nn.Module) -> None:
+        conv.reset_parameters()  # the aggregation module; then the suite's initialisation for the weights
+        reset_xavier(conv.lin_l)
+        reset_xavier(conv.lin_r)
 
     def forward(self, graph: InteractionGraph) -> Embeddings:
-        x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph)
+        x = self.layer0(graph)
         for layer, conv in enumerate(self.convs):
             x = conv(x, graph)  # the mean over the graph's CSR structure (see above)
             if layer < self.num_layers - 1:
                 x = F.leaky_relu(x, self.negative_slope)
-        return Embeddings(*x.split([self.num_users, self.num_items]))
+        return self.split(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, features={self.content is not None}, normalize={self.normalize}"
+        return f"{super().extra_repr()}, normalize={self.normalize}"

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
-from .base import Embeddings, Recommender, xavier_embedding
-from .layers.content import ItemContentInput, node_inputs
+from .base import Embeddings
+from .baseline import GraphBaseline
 from .layers.ngcf import BiInteractionConv, symmetric_norm
 from .ops import graph_pattern
 
 
 @register_model("ngcf")
-class NGCF(Recommender):
+class NGCF(GraphBaseline):
     r"""NGCF with item content as input.
 
     Layer 0 is :math:`\mathbf{e}^{(0)}_u = \mathbf{E}_u` for users and
@@ -69,28 +69,17 @@ class NGCF(Recommender):
         normalize_layers: bool = False,
         negative_slope: float = 0.2,
     ):
-        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers)
         if not 0.0 <= message_dropout < 1.0:
             raise ValueError(f"message_dropout must be in [0, 1), got {message_dropout}")
+        super().__init__(data, embedding_dim=embedding_dim, num_layers=num_layers, use_features=use_features)
         self.message_dropout = message_dropout
         self.normalize_layers = normalize_layers
-        self.user_embedding = xavier_embedding(data.num_users, embedding_dim)
-        self.item_embedding = xavier_embedding(data.num_items, embedding_dim)
-        self.content = ItemContentInput(data, embedding_dim) if use_features and data.modalities else None
         self.convs = torch.nn.ModuleList(
             BiInteractionConv(embedding_dim, embedding_dim, negative_slope=negative_slope) for _ in range(num_layers)
         )
 
-    def reset_parameters(self) -> None:
-        torch.nn.init.xavier_uniform_(self.user_embedding)
-        torch.nn.init.xavier_uniform_(self.item_embedding)
-        if self.content is not None:
-            self.content.reset_parameters()
-        for conv in self.convs:
-            conv.reset_parameters()
-
     def forward(self, graph: InteractionGraph) -> Embeddings:
-        x = node_inputs(self.user_embedding, self.item_embedding, self.content, graph)
+        x = self.layer0(graph)
         norm = symmetric_norm(graph.edge_index, graph.degree())
         pattern = graph_pattern(graph)
         layers = [x]
@@ -98,11 +87,8 @@ class NGCF(Recommender):
             x = conv(x, graph.edge_index, norm, pattern=pattern)
             x = F.dropout(x, p=self.message_dropout, training=self.training)
             layers.append(F.normalize(x, dim=-1) if self.normalize_layers else x)
-        out = torch.cat(layers, dim=-1)
-        return Embeddings(*out.split([self.num_users, self.num_items]))
+        return self.split(torch.cat(layers, dim=-1))
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, features={self.content is not None}, message_dropout={self.message_dropout}, "
-            f"normalize_layers={self.normalize_layers}"
-        )
+        options = f"message_dropout={self.message_dropout}, normalize_layers={self.normalize_layers}"
+        return f"{super().extra_repr()}, {options}"
