@@ -15,11 +15,11 @@ For every model × dataset it measures, with the code the grid runs:
 - peak resident memory of the process (and peak GPU memory on CUDA).
 
 ``--kernels native torch`` measures every cell twice, with the compiled kernels (sparse and dense products, ranking
-scores, GRCN's fused routing step: :func:`grcn_bench.models.ops.kernel_status`) and with torch's (scores from numpy's
-BLAS), one after the other: a side-by-side comparison within one run. A value may also switch one family of kernels
-off (``native,-dense``, ``native,-sparse``, ``native,-scores``, ``native,-routing``; the values of
-``GRCN_BENCH_KERNELS``, :func:`grcn_bench.models.ops.parse_kernels`), so that each family is measured against torch's
-path in the same run: ``--kernels native native,-dense torch``.
+scores: :func:`grcn_bench.models.ops.kernel_status`) and with torch's (scores from numpy's BLAS), one after the other:
+a side-by-side comparison within one run. A value may also switch one family of kernels off (``native,-dense``,
+``native,-sparse``, ``native,-scores``; the values of ``GRCN_BENCH_KERNELS``,
+:func:`grcn_bench.models.ops.parse_kernels`), so that each family is measured against torch's path in the same run:
+``--kernels native native,-dense torch``.
 
 Each cell runs in a fresh process (``spawn``), so peaks do not accumulate from one model to the next; the parent
 builds each dataset once and hands it over. The machine's references (dense matmul GFLOP/s with torch and with numpy,
@@ -53,7 +53,7 @@ from .memory import can_keep_freed_memory, keep_freed_memory
 DEFAULT_DATASETS = ("synthetic:tiktok?scale=full", "synthetic:movielens?scale=full")
 #: The ``--kernels`` values: all compiled kernels, torch's only, or all but one family (any ``GRCN_BENCH_KERNELS``
 #: value is accepted, :func:`check_kernels`).
-KERNEL_CHOICES = ("native", "torch", "native,-sparse", "native,-dense", "native,-scores", "native,-routing")
+KERNEL_CHOICES = ("native", "torch", "native,-sparse", "native,-dense", "native,-scores")
 DEFAULT_OUT = Path("results") / "perf.json"
 PHASES = ("forward", "score", "mask", "rank", "metrics")
 
@@ -460,8 +460,8 @@ def add_perf_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--kernels", nargs="+", type=_kernels_argument, default=["native"],
                         help="kernels to measure with, side by side, cell after cell: native (compiled, falls back "
                              "to torch's where they cannot run), torch (scores from numpy's BLAS), or native with "
-                             "one family switched off: native,-sparse, native,-dense, native,-scores, "
-                             "native,-routing (default native)")
+                             "one family switched off: native,-sparse, native,-dense, native,-scores "
+                             "(default native)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every cell in this process (faster to start; peak memory then accumulates)")
     return parser

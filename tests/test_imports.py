@@ -123,7 +123,7 @@ def test_the_graph_covers_the_package():
     assert {"grcn_bench.models.ops", "grcn_bench.models.ops.native", "grcn_bench.models.grcn",
             "grcn_bench.benchmarks.cli", "grcn_bench.reports.bundle", "grcn_bench.datasets.base"} <= set(graph)
     assert "grcn_bench.models.ops" in graph["grcn_bench.models.grcn"]
-    assert "grcn_bench.models.ops.native" in graph["grcn_bench.models.ops.routing"]
+    assert "grcn_bench.models.ops.native" in graph["grcn_bench.models.ops.sparse"]
     assert "grcn_bench.models" in graph["grcn_bench.models.grcn"]  # `from . import register_model`
 
 

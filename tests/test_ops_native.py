@@ -1,12 +1,11 @@
-"""The compiled kernels (``models/ops/native.py``) and the ops that dispatch to them (``ops.sparse``,
-``ops.routing``): bit for bit the sums of an order-exact reference written with torch's elementwise operations, and of
-torch's own kernels (so results do not change); their threads; the ``GRCN_BENCH_KERNELS`` switch and its families;
-every way they fall back to torch's kernels, and the build cache."""
+"""The compiled kernels (``models/ops/native.py``) and the ops that dispatch to them (``ops.sparse``): bit for bit
+the sums of an order-exact reference written with torch's elementwise operations, and of torch's own kernels (so
+results do not change); their threads; the ``GRCN_BENCH_KERNELS`` switch and its families; every way they fall back
+to torch's kernels, and the build cache."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 
@@ -17,7 +16,7 @@ from grcn_bench.benchmarks.config import TrainSettings
 from grcn_bench.benchmarks.trainer import fit, seed_everything
 from grcn_bench.datasets import load_dataset
 from grcn_bench.models import get_model
-from grcn_bench.models.ops import native, routing, sparse
+from grcn_bench.models.ops import native, sparse
 from grcn_bench.models.ops.sparse import CSRPattern
 
 needs_native = pytest.mark.skipif(native.native_kernels() is None,
@@ -142,6 +141,10 @@ def _pushed_operands(pattern: CSRPattern, channels: int, width: int, seed: int =
     x[:, 1::5] = 0.0
     values[-1, 3], x[0, -1, 0] = float("inf"), float("nan")
     return values, x
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int32)  # NaN payloads and the sign of zero included
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -542,20 +545,20 @@ def test_a_wrong_switch_value_is_an_error(fresh_kernels, monkeypatch):
 
 def test_the_switch_parses_families():
     every = frozenset(native.FAMILIES)
-    assert set(native.FAMILIES) == {"sparse", "dense", "scores", "routing"}
+    assert set(native.FAMILIES) == {"sparse", "dense", "scores"}
     assert native.parse_kernels("native") == every
     assert native.parse_kernels(" Native ") == every
     assert native.parse_kernels("torch") == frozenset()
     assert native.parse_kernels("native,-dense") == every - {"dense"}
-    assert native.parse_kernels("native, -scores ,-routing") == every - {"scores", "routing"}
-    assert native.parse_kernels("native,-sparse,-dense,-scores,-routing") == frozenset()
+    assert native.parse_kernels("native, -scores ,-dense") == every - {"scores", "dense"}
+    assert native.parse_kernels("native,-sparse,-dense,-scores") == frozenset()
     for wrong in ("", "fast", "torch,-dense", "native,dense", "native,-gpu", "-dense", "native,-"):
         with pytest.raises(ValueError, match="families switched off"):
             native.parse_kernels(wrong)
 
 
 @needs_native
-@pytest.mark.parametrize("family", ["sparse", "dense", "scores", "routing"])
+@pytest.mark.parametrize("family", ["sparse", "dense", "scores"])
 def test_switching_one_family_off_leaves_the_others(family, fresh_kernels, monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, f"native,-{family}")
     status = native.kernel_status()
@@ -639,139 +642,6 @@ def test_cache_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert native.cache_dir() == tmp_path / "home" / ".cache" / "grcn-bench"
-
-
-# ------------------------------------------------------------------------------------- GRCN's fused routing step
-
-
-def _routing_operands(rows: int, cols: int, width: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    pattern = random_pattern(rows, cols, 0.15, seed=seed)  # an empty first row, rows of every length
-    a = torch.randn(rows, width, generator=generator) * 3
-    b = torch.randn(cols, width, generator=generator)
-    return pattern, a, b
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(torch.int32)  # NaN payloads and the sign of zero included
-
-
-@needs_native
-@pytest.mark.parametrize("width", [8, 16, 64])
-def test_routing_step_has_the_three_operations_bits(width):
-    pattern, a, b = _routing_operands(120, 90, width, seed=width)
-    b = b.abs() + 0.5
-    a[5, 0] = float("nan")  # a row of NaN logits
-    a[7] = -1e38  # a row whose logits all overflow to -inf: its max is reset to 0 (as segment_softmax does), p = 0
-    assert int(pattern.rowptr[8] - pattern.rowptr[7]) > 0
-    logits, p, pulled = torch.empty(pattern.nnz), torch.empty(pattern.nnz), torch.empty(120, width)
-    assert native.run_route_step(pattern.rowptr, pattern.col, a, b, logits, p, pulled)
-    expected_logits = sparse.sddmm(pattern, a, b)
-    expected_p = sparse.segment_softmax(expected_logits, pattern.rowptr.long())
-    expected_pulled = sparse.spmm(pattern, expected_p, b)
-    for mine, theirs in ((logits, expected_logits), (p, expected_p), (pulled, expected_pulled)):
-        assert torch.equal(_bits(mine), _bits(theirs))
-    assert bool(torch.isnan(p[int(pattern.rowptr[5]) : int(pattern.rowptr[6])]).all())
-    assert bool((p[int(pattern.rowptr[7]) : int(pattern.rowptr[8])] == 0).all())
-    assert bool((pulled[0] == 0).all())  # the empty row
-
-
-@needs_native
-@pytest.mark.parametrize("width", [8, 16, 64])
-def test_routing_step_backward_has_the_three_operations_bits(width):
-    pattern, a, b = _routing_operands(120, 90, width, seed=width + 1)
-    a[7] = -1e38  # all -inf logits: p = 0 in that row
-    g = torch.randn(120, width, generator=torch.Generator().manual_seed(9))
-    leaf = a.clone().requires_grad_()
-    logits = sparse.sddmm(pattern, leaf, b)
-    p = sparse.segment_softmax(logits, pattern.rowptr.long())
-    expected_grad, expected_grad_a = torch.autograd.grad(sparse.spmm(pattern, p, b), (logits, leaf), g)
-    grad, grad_a = torch.full((pattern.nnz,), 7.0), torch.full((120, width), 7.0)
-    assert native.run_route_step_backward(pattern.rowptr, pattern.col, b, p.detach(), g, grad, grad_a)
-    assert torch.equal(_bits(grad), _bits(expected_grad)) and torch.equal(_bits(grad_a), _bits(expected_grad_a))
-    assert bool((grad_a[0] == 0).all())  # the empty row
-    assert not native.run_route_step_backward(pattern.rowptr.long(), pattern.col.long(), b, p.detach(), g, grad,
-                                              grad_a)
-
-
-@needs_native
-def test_routing_step_refusals_write_nothing():
-    pattern, a, b = _routing_operands(40, 30, 16)
-    outputs = lambda width, dtype=torch.float32: (torch.full((pattern.nnz,), 7.0, dtype=dtype),  # noqa: E731
-                                                  torch.full((pattern.nnz,), 7.0, dtype=dtype),
-                                                  torch.full((40, width), 7.0, dtype=dtype))
-    refused = {
-        "too wide": (pattern.rowptr, pattern.col, torch.randn(40, 72), torch.randn(30, 72), *outputs(72)),
-        "width not a multiple of 8": (pattern.rowptr, pattern.col, torch.randn(40, 12), torch.randn(30, 12),
-                                      *outputs(12)),
-        "float64": (pattern.rowptr, pattern.col, a.double(), b.double(), *outputs(16, torch.float64)),
-        "int64 indices": (pattern.rowptr.long(), pattern.col.long(), a, b, *outputs(16)),
-        "rows that disagree": (pattern.rowptr, pattern.col, a[:39], b, *outputs(16)),
-    }
-    for name, case in refused.items():
-        assert not native.run_route_step(*case), name
-        assert all(bool((out == 7.0).all()) for out in case[4:]), name
-
-
-@needs_native
-def test_route_prototypes_is_the_same_fused_or_not(fresh_kernels, monkeypatch):
-    """Values and every gradient, bit for bit, with the fused step and with the three operations (the routing family
-    switched off, the other kernels compiled as before)."""
-    from grcn_bench.models.layers.refine import route_prototypes
-
-    dataset = load_dataset("synthetic:tiny")
-    graph = dataset.graph()
-    generator = torch.Generator().manual_seed(3)
-    content = torch.randn(3, dataset.num_items, 64, generator=generator)
-    init = torch.randn(3, dataset.num_users, 64, generator=generator)
-
-    def run():
-        leaves = [content.clone().requires_grad_(), init.clone().requires_grad_()]
-        out = route_prototypes(leaves[0], leaves[1], graph, 3)
-        (out.sin() * torch.linspace(0, 1, out.size(-1))).sum().backward()
-        return [out, *(leaf.grad for leaf in leaves)]
-
-    fused_steps = []
-    real = routing._RoutingStep.apply
-    monkeypatch.setattr(routing._RoutingStep, "apply", lambda *args: fused_steps.append(1) or real(*args))
-    fused = run()
-    assert fused_steps == [1, 1, 1]
-    with native.use_kernels("native,-routing"):
-        assert "GRCN's routing: unfused (switched off" in native.kernel_status()
-        unfused = run()
-    assert fused_steps == [1, 1, 1]  # the switched-off family ran the three operations
-    for mine, theirs in zip(fused, unfused, strict=True):
-        assert torch.equal(_bits(mine), _bits(theirs))
-
-
-def test_a_routing_step_that_differs_is_not_used(fresh_kernels, monkeypatch):
-    failed = functools.lru_cache(maxsize=1)(lambda: (False, "its bits differ from the unfused operations' here"))
-    monkeypatch.setitem(native._CHECKS, "routing", failed)
-    pattern, a, b = _routing_operands(40, 30, 16)
-    assert not native.run_route_step(pattern.rowptr, pattern.col, a, b, torch.empty(pattern.nnz),
-                                     torch.empty(pattern.nnz), torch.empty(40, 16))
-    monkeypatch.setattr(routing._RoutingStep, "apply", lambda *args: pytest.fail("the fused step ran"))
-    pulled = routing.routing_step(pattern, a.unsqueeze(0), b.unsqueeze(0))  # the three operations
-    logits = sparse.sddmm(pattern, a, b)
-    expected = sparse.spmm(pattern, sparse.segment_softmax(logits, pattern.rowptr.long()), b)
-    assert torch.equal(pulled[0], expected)
-    if native.native_kernels() is not None:
-        assert "GRCN's routing: unfused (its bits differ" in native.kernel_status()
-
-
-@needs_native
-def test_the_routing_step_needs_torchs_exp(fresh_kernels, monkeypatch):
-    monkeypatch.setattr(native, "_torch_exp", lambda: None)
-    assert native.route_step_status() == "MKL's vsExp not found in torch's library"
-    assert "GRCN's routing: unfused (MKL's vsExp not found" in native.kernel_status()
-
-
-def test_the_routing_step_check_runs_under_no_grad(fresh_kernels):
-    """Its first use may be an evaluation's forward, under no_grad: the check still computes the unfused gradients."""
-    with torch.no_grad():
-        status = native.route_step_status()
-    native.forget_loaded()
-    assert native.route_step_status() == status
 
 
 def test_the_kernel_source_is_found_and_packaged():

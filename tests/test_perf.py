@@ -76,17 +76,17 @@ def test_perf_measures_both_kernels_side_by_side(monkeypatch):
 
 
 def test_perf_measures_a_family_switched_off_beside_the_rest(monkeypatch):
-    """``--kernels native native,-routing``: the same cell with GRCN's routing unfused, the rest compiled."""
+    """``--kernels native native,-dense``: the same cell with torch's dense products, the rest compiled."""
     monkeypatch.delenv("GRCN_BENCH_KERNELS", raising=False)
     settings = perf.PerfSettings(models=("grcn",), datasets=("synthetic:tiny",), batches=1, warmup=0,
-                                 subprocess=False, kernels=("native", "native,-routing"), **SMALL_REFERENCES)
+                                 subprocess=False, kernels=("native", "native,-dense"), **SMALL_REFERENCES)
     report = perf.run_perf(settings)
     assert [(cell["kernels"], cell["status"]) for cell in report["cells"]] == [
-        ("native", "ok"), ("native,-routing", "ok")]
+        ("native", "ok"), ("native,-dense", "ok")]
     switched = report["cells"][1]["kernel_status"]
     if native_status().startswith("native ("):  # where the compiled kernels run at all
-        assert "GRCN's routing: unfused (switched off by GRCN_BENCH_KERNELS=native,-routing)" in switched
-        assert "dense products: torch's (switched off" not in switched
+        assert "dense products: torch's (switched off by GRCN_BENCH_KERNELS=native,-dense)" in switched
+        assert "sparse products: torch's (switched off" not in switched
     assert "GRCN_BENCH_KERNELS" not in os.environ
 
 

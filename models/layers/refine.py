@@ -18,9 +18,10 @@ directed edges are exactly the ``item -> user`` edges (CSR rows ``0..U-1``) and 
 ``user -> item`` edges. Neighbourhood softmaxes are segment softmaxes over the CSR row pointer (``ptr``).
 
 Ops. Per-edge dot products (the logits of Eqs. 2 and 5) and weighted neighbourhood sums (Eqs. 3 and 8) are the ops
-``sddmm`` and ``spmm`` over the graph's CSR pattern (:mod:`grcn_bench.models.ops`); one routing iteration (Eqs. 2-3)
-is the op ``routing_step``. Nothing of size ``[E, M, d]`` is ever materialised. :class:`RefinedPropagation` keeps
-PyG's gather and scatter as the reference path.
+``sddmm`` and ``spmm`` over the graph's CSR pattern (:mod:`grcn_bench.models.ops`), and the neighbourhood softmaxes
+the op ``segment_softmax``: one routing iteration (Eqs. 2-3) is ``sddmm``, ``segment_softmax`` and ``spmm``. Nothing
+of size ``[E, M, d]`` is ever materialised. :class:`RefinedPropagation` keeps PyG's gather and scatter as the
+reference path.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from grcn_bench.datasets.base import InteractionGraph
 from ..ops import (
     CSRPattern,
     l2_normalize,
-    routing_step,
     sddmm,
     segment_softmax,
     spmm,
@@ -92,10 +92,13 @@ def route_prototypes(
         return prototypes
     if pattern is None:  # A[u, i]: the E item -> user edges, grouped by user
         pattern = user_item_pattern(graph)
+    # Flattened, each (modality, user) segment of the [M, E] logits is contiguous: one softmax over M * U segments.
+    segments = stacked_rowptr(pattern.rowptr.long(), item_content.size(0))  # int64: M * E may pass 2**31
     for _ in range(iterations):
-        # sum over i in N(u) of p_ui i_m, with p_ui = softmax over N(u) of i_m . u_(t-1), per modality: [M, U, d]
-        pulled = routing_step(pattern, prototypes, item_content)
-        prototypes = l2_normalize(prototypes + pulled)  # normalised after every iteration (below Eq. 3)
+        logits = sddmm(pattern, prototypes, item_content)  # Eq. 2: i_m . u_(t-1) for every i in N(u), [M, E]
+        p = segment_softmax(logits.view(-1), segments).view_as(logits)  # Eq. 2: p_ui, the softmax over N(u)
+        pulled = spmm(pattern, p, item_content)  # Eq. 3: sum over i in N(u) of p_ui i_m, [M, U, d]
+        prototypes = l2_normalize(prototypes + pulled)  # Eq. 3, normalised after every iteration (below Eq. 3)
     return prototypes
 
 

@@ -21,7 +21,6 @@ Sparse products and segment operations (:mod:`.sparse`):
 - :func:`segment_softmax`: softmax over each CSR row's entries (PyG's ``softmax(src, ptr=...)``).
 - :func:`segment_reduce`: sum or max over contiguous segments (``torch.segment_reduce``), not differentiable.
 - :func:`segment_broadcast`: subtract or divide each segment's rows by one value per segment, not differentiable.
-- :func:`routing_step`: ``spmm(p, b)`` with ``p = segment_softmax(sddmm(a, b))``: one iteration of GRCN's routing.
 
 Dense ops (:mod:`.dense`):
 
@@ -63,7 +62,6 @@ from .native import (
     use_kernels,
 )
 from .native import run_dot_scores as dot_scores
-from .routing import routing_step
 from .sparse import (
     CSRPattern,
     graph_pattern,
@@ -83,6 +81,6 @@ __all__ = [
     "FAMILIES", "SCORE_GROUP", "SCORE_PANEL", "CSRPattern", "FieldLayer", "ReceptiveField", "RowSubset",
     "bpr_pair_scores", "dot_scores", "dot_scores_apply", "family_status", "graph_pattern", "headed_sddmm",
     "headed_spmm", "kernel_status", "l2_normalize", "linear", "pack_score_items", "parse_kernels", "receptive_field",
-    "routing_step", "rows_apply", "sddmm", "segment_broadcast", "segment_reduce", "segment_softmax", "spmm",
-    "stack_pattern", "stacked_rowptr", "use_kernels", "user_item_pattern",
+    "rows_apply", "sddmm", "segment_broadcast", "segment_reduce", "segment_softmax", "spmm", "stack_pattern",
+    "stacked_rowptr", "use_kernels", "user_item_pattern",
 ]

@@ -1,6 +1,6 @@
 r"""Compiled CPU kernels for the sparse products and segment reductions of :mod:`.sparse`, the dense products of
-:mod:`.dense`, the evaluator's ranking scores and GRCN's fused routing step (:mod:`.routing`): the same sums as
-torch's kernels, computed with fewer waits on memory (docs/kernels.md).
+:mod:`.dense` and the evaluator's ranking scores: the same sums as torch's kernels, computed with fewer waits on
+memory (docs/kernels.md).
 
 This module is the ops layer's only contact with the compiled library; models never call it (they call
 :mod:`grcn_bench.models.ops`). Every ``run_*`` function computes its result into given tensors and returns ``True``,
@@ -32,11 +32,7 @@ independent order-exact reference):
 - full-ranking scores (:func:`run_dot_scores`, for the evaluator): ``user @ item.T`` with ``torch.mm``'s sums (one
   chain up to 192 deep, two halves up to 383, chains of 192 from there, the chains added in order), with the maximum
   of every group of 32 items on the side; checked against ``torch.mm`` on first use likewise
-  (:func:`dot_scores_status`);
-- GRCN's routing step (:func:`run_route_step`): its sampled product, softmax over each user's items and product in
-  one pass over each user's items, with those three operations' bits (the exponential is MKL's ``vsExp``, which
-  ``torch.exp`` calls: looked up in torch's own library); compared with them on first use (:mod:`.routing`, which
-  owns the unfused operations).
+  (:func:`dot_scores_status`).
 
 The kernels' threads are those of torch's own OpenMP runtime: the library is built with ``-fopenmp`` and, loaded after
 torch, binds to torch's ``libgomp``. Threads of their own would compete for the cores with torch's workers, which spin
@@ -54,8 +50,7 @@ Families. ``GRCN_BENCH_KERNELS`` is ``native`` (the default), ``torch``, or ``na
 
 - ``sparse``: the sparse products (plain, headed, pushed) and the segment operations;
 - ``dense``: the dense products of :func:`~.dense.linear`;
-- ``scores``: the evaluator's ranking scores (numpy's BLAS otherwise);
-- ``routing``: GRCN's fused routing step (the three unfused operations otherwise).
+- ``scores``: the evaluator's ranking scores (numpy's BLAS otherwise).
 
 A family whose results depend on the CPU registers a check (:func:`register_check`) that runs once, on first use,
 and keeps torch's path where it fails; :func:`family_status` says what a family runs and why.
@@ -80,11 +75,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "FAMILIES", "ROUTE_MAX_WIDTH", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_apply",
-    "dot_scores_status", "family_status", "forget_loaded", "gemm_tn_depth_fits", "kernel_status", "native_kernels",
-    "pack_score_items", "parse_kernels", "register_check", "run_dot_scores", "run_gemm", "run_gemm_tn",
-    "route_step_status", "run_route_step", "run_route_step_backward", "run_sddmm", "run_sddmm_backward_pushed",
-    "run_segment_apply", "run_segment_reduce", "run_spmm", "run_spmm_pushed", "score_chain", "use_kernels",
+    "FAMILIES", "SCORE_GROUP", "SCORE_PANEL", "dense_products_status", "dot_scores_apply", "dot_scores_status",
+    "family_status", "forget_loaded", "gemm_tn_depth_fits", "kernel_status", "native_kernels", "pack_score_items",
+    "parse_kernels", "register_check", "run_dot_scores", "run_gemm", "run_gemm_tn", "run_sddmm",
+    "run_sddmm_backward_pushed", "run_segment_apply", "run_segment_reduce", "run_spmm", "run_spmm_pushed",
+    "score_chain", "use_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,7 +105,6 @@ FAMILIES: dict[str, str] = {
     "sparse": "sparse products: torch's",
     "dense": "dense products: torch's",
     "scores": "ranking scores: numpy's",
-    "routing": "GRCN's routing: unfused",
 }
 
 
@@ -194,13 +188,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.grcn_bench_gemm_tn_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64] * 3 + [ctypes.c_int]
     library.grcn_bench_gemm_tn_f32.restype = ctypes.c_int  # 1: no memory for its scratch blocks
-    # rowptr, col, a, b, logits, p, pulled, rows, width, exp_rows, threads
-    library.grcn_bench_route_step_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_void_p,
-                                                                                                  ctypes.c_int]
-    library.grcn_bench_route_step_f32.restype = None
-    # rowptr, col, b, p, g, grad, grad_a, rows, width, threads
-    library.grcn_bench_route_step_backward_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    library.grcn_bench_route_step_backward_f32.restype = None
     # users, ldu, items, out, ldo, group_max, rows, depth, chain, panels, groups, threads
     library.grcn_bench_dot_scores_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
@@ -678,86 +665,4 @@ def run_dot_scores(users: Tensor, packed: Tensor, out: Tensor, group_max: Tensor
     if library is None or not _dot_scores_fit(users, packed, out, group_max):
         return False
     _run_dot_scores(library, users, packed, out, group_max)
-    return True
-
-
-#: The widest rows :func:`run_route_step` takes (its accumulators stay in registers).
-ROUTE_MAX_WIDTH = 64
-
-
-@functools.lru_cache(maxsize=1)
-def _torch_exp() -> int | None:
-    """The address of MKL's ``vsExp`` in torch's CPU library, the function ``torch.exp`` runs on contiguous float32
-    CPU tensors where torch is built with MKL (:mod:`.routing`'s check compares the bits), or ``None``."""
-    try:
-        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return ctypes.cast(library.vsExp, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
-
-
-def _route_step_fits(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor, p: Tensor,
-                     pulled: Tensor) -> bool:
-    return (
-        a.dim() == 2 and b.dim() == 2 and a.size(1) == b.size(1) and a.size(1) % 8 == 0
-        and 0 < a.size(1) <= ROUTE_MAX_WIDTH and pulled.shape == a.shape
-        and logits.shape == p.shape == (col.numel(),) and rowptr.numel() == a.size(0) + 1
-        and _eligible(rowptr, col, a.size(0), a, b, logits, p, pulled)
-    )
-
-
-def _run_route_step(library: ctypes.CDLL, rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor,
-                    p: Tensor, pulled: Tensor) -> None:
-    library.grcn_bench_route_step_f32(_pointer(rowptr), _pointer(col), _pointer(a), _pointer(b), _pointer(logits),
-                                      _pointer(p), _pointer(pulled), a.size(0), a.size(1),
-                                      ctypes.c_void_p(_torch_exp()), _threads(col.numel() * a.size(1)))
-
-
-def _run_route_step_backward(library: ctypes.CDLL, rowptr: Tensor, col: Tensor, b: Tensor, p: Tensor, g: Tensor,
-                             grad: Tensor, grad_a: Tensor) -> None:
-    library.grcn_bench_route_step_backward_f32(_pointer(rowptr), _pointer(col), _pointer(b), _pointer(p), _pointer(g),
-                                               _pointer(grad), _pointer(grad_a), g.size(0), g.size(1),
-                                               _threads(col.numel() * g.size(1)))
-
-
-def route_step_status() -> str:
-    """``"native"`` when :func:`run_route_step` runs, else why not (its check lives beside the unfused operations,
-    in :mod:`.routing`)."""
-    return family_status("routing")
-
-
-def _route_library(checked: bool) -> ctypes.CDLL | None:
-    if _torch_exp() is None:
-        return None
-    if checked:
-        return _ready("routing")
-    return _load()[0] if "routing" in _switched_on() else None
-
-
-def run_route_step(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor, logits: Tensor, p: Tensor,
-                   pulled: Tensor, *, checked: bool = True) -> bool:
-    """One routing iteration of GRCN (:func:`~.routing.routing_step`) in one pass per row: ``logits = sddmm(a, b)``,
-    ``p = segment_softmax(logits)`` over each row's entries and ``pulled = spmm(p, b)``, written to ``logits``,
-    ``p`` (``[nnz]``) and ``pulled`` (``[R, d]``) with those operations' bits (:func:`route_step_status`). For
-    float32 CPU operands, int32 indices, ``d`` a multiple of 8 up to 64, all contiguous, and torch's ``vsExp``
-    found. ``checked=False`` runs it before the family's check has passed (the check itself). Returns ``True`` when
-    it ran, else ``False`` with nothing written."""
-    library = _route_library(checked)
-    if library is None or not _route_step_fits(rowptr, col, a, b, logits, p, pulled):
-        return False
-    _run_route_step(library, rowptr, col, a, b, logits, p, pulled)
-    return True
-
-
-def run_route_step_backward(rowptr: Tensor, col: Tensor, b: Tensor, p: Tensor, g: Tensor, grad: Tensor,
-                            grad_a: Tensor, *, checked: bool = True) -> bool:
-    """The row-local part of :func:`run_route_step`'s backward in one pass per row, for ``g = dL/dpulled``:
-    ``grad = dL/dlogits`` (``[nnz]``: through the product's weights and the softmax) and ``grad_a = dL/da`` (``[R,
-    d]``), with the bits of the unfused operations' backward passes (:func:`route_step_status`); ``p`` is the
-    forward's softmax. The gradients to ``b`` are two transposed products (:mod:`.routing`). Operands and
-    ``checked`` as for :func:`run_route_step`. Returns ``True`` when it ran, else ``False`` with nothing written."""
-    library = _route_library(checked)
-    if library is None or not _route_step_fits(rowptr, col, g, b, grad, p, grad_a):
-        return False
-    _run_route_step_backward(library, rowptr, col, b, p, g, grad, grad_a)
     return True

@@ -67,8 +67,7 @@ from .native import (
 
 __all__ = [
     "CSRPattern", "graph_pattern", "headed_sddmm", "headed_spmm", "sddmm", "segment_broadcast", "segment_reduce",
-    "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr", "transposed_spmm",
-    "user_item_pattern",
+    "segment_softmax", "spmm", "stack_pattern", "stacked_indices", "stacked_rowptr", "user_item_pattern",
 ]
 
 #: Channel-major transposed products of rows at most this wide are pushed along the forward's rows
@@ -377,12 +376,6 @@ def _transposed_spmm_raw(pattern: CSRPattern, values: Tensor, x: Tensor, headed:
             return out
     spmm_raw, _ = _kernels(headed)
     return spmm_raw(pattern.t_rowptr, pattern.t_col, values, x, pattern.num_cols, pattern.t_perm)
-
-
-def transposed_spmm(pattern: CSRPattern, values: Tensor, x: Tensor) -> Tensor:
-    """``A^T x`` with ``A``'s weights ``values`` (``[nnz]`` or channel-major ``[M, nnz]``), outside autograd: the
-    backward of a product to its features, for the ops' own backward passes (:mod:`.routing`)."""
-    return _transposed_spmm_raw(pattern, values, x, False)
 
 
 class _SpMM(torch.autograd.Function):
