@@ -298,19 +298,27 @@ def _fig4_sources(experiment: Experiment) -> set[tuple[str, str, str]]:
             for cell in _templates(experiment, entry)}
 
 
+def _fig4_source_groups(experiment: Experiment) -> set[tuple[str, str, str, str]]:
+    """The :func:`_fig4_sources` keys with the group of the searched entry behind each: Table 3, Figure 3 and the
+    noise study label their rows like Table 2's ("GRCN") but reuse its point, so label and dataset alone would keep
+    their embeddings too, megabytes each that nothing reads."""
+    sources = _fig4_sources(experiment)
+    return {(*study.key, study.template.group) for study in studies(experiment) if study.key in sources}
+
+
 EMBEDDINGS = ("user_embedding", "item_embedding")
 
 
 def keeps_embeddings(experiment: Experiment, cell: Cell) -> bool:
     """Whether ``cell`` must also store its final embeddings: the t-SNE figure's cells, and the finished runs on the
-    first seed (the figure draws the selected point's first seed) of the studies it takes its point from; the
-    selected point is not known until they have all run, and :func:`drop_unselected_embeddings` then drops the
-    others'."""
+    first seed (the figure draws the selected point's first seed) of the searched studies it takes its point from,
+    not the other entries that reuse that point. The selected point is not known until they have all run, and
+    :func:`drop_unselected_embeddings` then drops the others'."""
     if cell.group == "fig4":
         return True
     return (cell.final and cell.settings.seed == experiment.seeds[0]
-            and (cell.label or cell.model, base_dataset(cell.dataset), cell.settings.protocol)
-            in _fig4_sources(experiment))
+            and (cell.label or cell.model, base_dataset(cell.dataset), cell.settings.protocol, cell.group)
+            in _fig4_source_groups(experiment))
 
 
 def drop_unselected_embeddings(experiment: Experiment, store: ResultStore, plan: Plan) -> None:

@@ -85,6 +85,11 @@ class Recommender(torch.nn.Module, abc.ABC):
         ``receptive_field``) and leave its other rows zero. The trainer calls this, the evaluator :meth:`forward`."""
         return self(graph)
 
+    def id_columns(self) -> slice:
+        """The columns of :meth:`forward`'s representations that hold the learned ID (graph) part, what Figure 4
+        draws and all a stored embedding keeps: every column, unless a model concatenates more (GRCN, Eq. 10)."""
+        return slice(None)
+
     def score(self, emb: Embeddings, users: Tensor) -> Tensor:
         """``[B, I]`` preference scores of ``users`` for every item (Eq. 11: a dot product)."""
         return emb.user[users] @ emb.item.t()

@@ -332,6 +332,10 @@ class GRCN(Recommender):
         item = torch.cat([item, *content.unbind(0)], dim=1)
         return Embeddings(user, item, weight)
 
+    def id_columns(self) -> slice:
+        """The graph part e of Eq. 10's e || u_v || u_a || u_t: its first ``embedding_dim`` columns."""
+        return slice(0, self.embedding_dim)
+
     def batch_forward(self, graph: InteractionGraph, users: Tensor, pos: Tensor, neg: Tensor) -> Embeddings:
         """:meth:`forward`'s representations at the batch's users and items (zero rows elsewhere), its edge weights
         and the same gradients, with the propagation (Eqs. 8-9) computed over the batch's receptive field only (the

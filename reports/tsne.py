@@ -2,9 +2,11 @@
 users (stars) and their training items (circles), an edge from each user to each of their items, one colour per user,
 side by side.
 
-"Learned ID embeddings": the final representations the runner stores for fig4 cells. For GAT that is the whole
-vector (its output layer). For GRCN the first ``embedding_dim`` (64) columns are the graph part :math:`\\mathbf{e}_u`
-/ :math:`\\mathbf{e}_i` (Eq. 9) and the rest are the modality blocks of Eq. 10, so only the first block is used.
+"Learned ID embeddings": the ID part of the final representations the runner stores for fig4 cells
+(``Recommender.id_columns``). For GAT that is the whole vector (its output layer). For GRCN it is the first
+``embedding_dim`` (64) columns, the graph part :math:`\\mathbf{e}_u` / :math:`\\mathbf{e}_i` (Eq. 9); the rest are the
+modality blocks of Eq. 10. The runner stores the ID part only; :func:`id_columns` also reads stores that hold the
+whole vector.
 """
 
 from __future__ import annotations

@@ -129,4 +129,7 @@ def test_cli_run_writes_a_report_whose_tables_match_the_stored_results(tmp_path,
         assert (out / "report" / f"{name}.pdf").is_file()
     arrays = store.read_arrays(stored("GRCN", "fig4")["cell_id"])
     assert arrays["user_embedding"].shape[0] == 60 and np.isfinite(arrays["item_embedding"]).all()
+    # Only the ID part of GRCN's e || u_v || u_a || u_t (Eq. 10) is stored: the rest is 3x more and nothing reads it.
+    width = stored("GRCN", "fig4")["cell"]["options"].get("embedding_dim", 64)
+    assert arrays["user_embedding"].shape[1] == arrays["item_embedding"].shape[1] == width
     assert (out / "report.html").read_text().count("<img ") == 4

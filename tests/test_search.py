@@ -416,6 +416,11 @@ def test_the_tsne_figure_s_sources_keep_their_embeddings_before_the_selection_is
     assert not keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, dataset="synthetic:kwai"))
     assert not keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, label="NGCF", model="ngcf"))
     assert keeps_embeddings(experiment, dataclasses.replace(grcn_tiktok, label="GAT", model="gat"))
+    # Table 3, Figure 3 and the noise study label a row "GRCN" too and reuse Table 2's point: nothing draws theirs.
+    for group, dataset in (("table3", "synthetic:tiktok"), ("fig3", "synthetic:tiktok"),
+                           ("noise", "synthetic:tiktok"), ("noise", "synthetic:tiktok?noise=0.1")):
+        reuse = dataclasses.replace(grcn_tiktok, group=group, dataset=dataset)
+        assert not keeps_embeddings(experiment, reuse), (group, dataset)
 
 
 def test_unselected_runs_of_the_tsne_sources_lose_their_embeddings(tmp_path):
