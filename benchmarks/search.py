@@ -511,8 +511,9 @@ def halving_rungs(points: Sequence[Point], search: SearchSettings, max_epochs: i
 
 
 def estimate(experiment: Experiment, store: ResultStore | None = None) -> Estimate:
-    """What the whole search trains from scratch. A finished run's epochs are estimated by the median ``epochs_run``
-    of the finished runs already in ``store`` when there are any, else by ``min(max_epochs, 4 x patience)``."""
+    """What the whole search trains from scratch. A finished run's epochs are estimated by the mean ``epochs_run``
+    of the finished runs already in ``store`` when there are any (the mean, not the median: the total is what is
+    estimated, and runs at a small learning rate make a long tail), else by ``min(max_epochs, 4 x patience)``."""
     rung_cells = rung_epochs = runs = 0
     max_per_run = 0
     unique = {study.template.cell_id: study for study in studies(experiment)}  # a study two groups ask for runs once
@@ -529,11 +530,11 @@ def estimate(experiment: Experiment, store: ResultStore | None = None) -> Estima
     # selected point: nothing more to train.
     runs += sum(len(experiment.seeds) for entry in experiment.models if entry.tuned_from is not None
                 for cell in _templates(experiment, entry) if cell.cell_id not in unique)
-    finished = sorted(int(r.get("epochs_run") or 0) for r in (store.results() if store else ())
-                      if r.get("status") == "ok" and not r.get("cell", {}).get("rung"))
+    finished = [int(r.get("epochs_run") or 0) for r in (store.results() if store else ())
+                if r.get("status") == "ok" and not r.get("cell", {}).get("rung")]
     if finished:
-        per_run = float(finished[len(finished) // 2])
-        assumption = f"median epochs of the {len(finished)} finished runs in the store"
+        per_run = sum(finished) / len(finished)
+        assumption = f"mean epochs of the {len(finished)} finished runs in the store"
     else:
         patience = max((s.template.settings.patience for s in studies(experiment)), default=20)
         per_run = float(min(max_per_run or 1000, 4 * patience))

@@ -159,6 +159,15 @@ def test_estimate_counts_rungs_runs_and_other_seeds():
     assert (guess.rung_cells, guess.rung_epochs, guess.runs) == (8, 24, 3)
     assert guess.epochs == 24 + 3 * 20 and "4 x patience" in guess.assumption
 
+    class Stored:  # finished runs of 10, 10 and 100 epochs, and a rung that must not count
+        def results(self):
+            runs = [{"status": "ok", "epochs_run": n, "cell": {}} for n in (10, 10, 100)]
+            return runs + [{"status": "ok", "epochs_run": 500, "cell": {"rung": True}}]
+
+    guess = estimate(experiment, Stored())
+    # The mean (40), not the median (10): the estimate is of a total, and slow runs make a long tail.
+    assert guess.epochs_per_run == 40 and guess.epochs == 24 + 3 * 40 and "mean epochs of the 3" in guess.assumption
+
 
 # ------------------------------------------------------------------------------ tuned once, reused
 
