@@ -21,6 +21,13 @@ a side-by-side comparison within one run. A value may also switch one family of 
 :func:`grcn_bench.models.ops.parse_kernels`), so that each family is measured against torch's path in the same run:
 ``--kernels native native,-dense torch``.
 
+A value ending in ``+compile`` (``torch+compile``) runs the same kernels with the model's full-graph forward
+compiled by ``torch.compile`` with static shapes, and training reads that forward instead of ``batch_forward``. Only
+the full forward has one shape per dataset: a receptive field's size changes from batch to batch, so a static
+compile of ``batch_forward`` recompiles on every batch and a dynamic one does not compile every model. The first
+warm-up batch holds the compilation (``first_batch_seconds``); an untimed evaluation forward compiles the eval graph
+before the evaluation is timed.
+
 Each cell runs in a fresh process (``spawn``), so peaks do not accumulate from one model to the next; the parent
 builds each dataset once and hands it over. The machine's references (dense matmul GFLOP/s with torch and with numpy,
 memory bandwidth of a large copy) are measured at the start and again at the end of the run: on a shared machine,
@@ -53,7 +60,8 @@ from .memory import can_keep_freed_memory, keep_freed_memory
 DEFAULT_DATASETS = ("synthetic:tiktok?scale=full", "synthetic:movielens?scale=full")
 #: The ``--kernels`` values: all compiled kernels, torch's only, or all but one family (any ``GRCN_BENCH_KERNELS``
 #: value is accepted, :func:`check_kernels`).
-KERNEL_CHOICES = ("native", "torch", "native,-sparse", "native,-dense", "native,-scores")
+KERNEL_CHOICES = ("native", "torch", "native,-sparse", "native,-dense", "native,-scores", "torch+compile")
+COMPILE_SUFFIX = "+compile"
 DEFAULT_OUT = Path("results") / "perf.json"
 PHASES = ("forward", "score", "mask", "rank", "metrics")
 
@@ -76,8 +84,8 @@ class PerfSettings:
         reference_size: side of the square matmuls that measure the machine's dense rate (2048).
         reference_megabytes: size of the buffer whose copy measures memory bandwidth (256).
         kernels: the kernels to measure each cell with, each a ``GRCN_BENCH_KERNELS`` value (``native``, ``torch``,
-            or ``native`` with families switched off, :data:`KERNEL_CHOICES`): several measure them side by side,
-            cell after cell.
+            or ``native`` with families switched off, :data:`KERNEL_CHOICES`), optionally ending in ``+compile``
+            (module docstring): several measure them side by side, cell after cell.
     """
 
     models: tuple[str, ...] = ()
@@ -107,16 +115,22 @@ class PerfSettings:
 
 
 def check_kernels(choice: str) -> str:
-    """``choice`` if it is a ``GRCN_BENCH_KERNELS`` value (:func:`grcn_bench.models.ops.parse_kernels`), else
-    ``ValueError``; the argument type of ``--kernels``."""
+    """``choice`` if it is a ``GRCN_BENCH_KERNELS`` value (:func:`grcn_bench.models.ops.parse_kernels`), optionally
+    ending in ``+compile``, else ``ValueError``; the argument type of ``--kernels``."""
     from grcn_bench.models.ops import parse_kernels
 
     try:
-        parse_kernels(choice)
+        parse_kernels(split_compile(choice)[0])
     except ValueError as error:
         raise ValueError(f"kernels must be among {KERNEL_CHOICES} (or another GRCN_BENCH_KERNELS value), got "
                          f"{choice!r}: {error}") from None
     return choice
+
+
+def split_compile(choice: str) -> tuple[str, bool]:
+    """``(kernels, compiled)`` of a ``--kernels`` value: ``"torch+compile"`` is ``("torch", True)``."""
+    compiled = choice.endswith(COMPILE_SUFFIX)
+    return (choice[: -len(COMPILE_SUFFIX)] if compiled else choice), compiled
 
 
 @dataclass
@@ -132,6 +146,7 @@ class CellTiming:
     num_parameters: int = 0
     embedding_dim: int = 0
     train_batches: int = 0
+    first_batch_seconds: float | None = None
     train_batch_seconds: list[float] = field(default_factory=list)
     train_batch_median: float | None = None
     eval_seconds: float | None = None
@@ -251,8 +266,16 @@ def measure_cell(model_name: str, dataset: Any, spec: str, settings: PerfSetting
     with the ``kernels`` kernels (``native`` falls back to torch's where they cannot run: ``kernel_status``)."""
     from grcn_bench.models.ops import use_kernels
 
-    with use_kernels(kernels):
+    with use_kernels(split_compile(kernels)[0]):
         return _measure(model_name, dataset, spec, settings, kernels)
+
+
+def compile_full_forward(model: torch.nn.Module) -> None:
+    """Make ``model``'s forward a static-shape ``torch.compile`` of itself and its ``batch_forward`` that forward
+    (the ``+compile`` kernels, module docstring)."""
+    compiled = torch.compile(model.forward, dynamic=False)
+    model.forward = compiled  # type: ignore[method-assign]
+    model.batch_forward = lambda graph, users, pos, neg: compiled(graph)  # type: ignore[method-assign]
 
 
 def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, kernels: str) -> CellTiming:
@@ -273,6 +296,9 @@ def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, k
         generator = seed_everything(settings.seed)
         model = get_model(model_name)(dataset.info()).to(device)
         result.num_parameters = sum(p.numel() for p in model.parameters())
+        compiled = split_compile(kernels)[1]
+        if compiled:
+            compile_full_forward(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
         indptr, items = dataset.user_items("train")
         users, pos, neg = epoch_triplets(dataset.train, indptr, items, dataset.num_items, generator)
@@ -286,6 +312,8 @@ def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, k
                                 device)
             _sync(device)
             seconds = time.perf_counter() - started
+            if step == 0:
+                result.first_batch_seconds = seconds
             if step >= settings.warmup:
                 result.train_batch_seconds.append(seconds)
             _progress(f"{model_name} on {spec} ({kernels}): batch {step + 1}/{needed} {seconds:.3f} s "
@@ -296,6 +324,8 @@ def _measure(model_name: str, dataset: Any, spec: str, settings: PerfSettings, k
         cpu_scoring = device.type == "cpu"
         result.reference_gflops = matmul_gflops("numpy" if cpu_scoring else "torch", size=settings.reference_size,
                                                 device=settings.device)
+        if compiled:
+            compute_embeddings(model, graph)  # compiles the eval-mode, no-grad graph outside the timing
         phases: dict[str, float] = {}
         started = time.perf_counter()
         # The evaluator's own forward, timed apart so that the embedding width is known for the FLOP count.
@@ -395,19 +425,22 @@ def perf_table(report: dict[str, Any]) -> str:
 
     cuda = torch.device(report["settings"]["device"]).type == "cuda"
     compared = len(report["settings"].get("kernels", ())) > 1  # a side-by-side run: say which kernels each row used
-    headers = ["model", "dataset", *(["kernels"] if compared else []), "train s/batch", "eval s", "score GFLOP/s",
-               "% of matmul", "peak RSS GB"]
+    # With torch.compile the first batch holds the compilation: show it.
+    compiling = any(split_compile(choice)[1] for choice in report["settings"].get("kernels", ()))
+    headers = ["model", "dataset", *(["kernels"] if compared else []), "train s/batch",
+               *(["first batch s"] if compiling else []), "eval s", "score GFLOP/s", "% of matmul", "peak RSS GB"]
     if cuda:
         headers.append("peak GPU GB")
     rows = []
     for cell in report["cells"]:
         first = [cell["model"], _short(cell["dataset"]), *([cell.get("kernels", "")] if compared else [])]
         if cell["status"] != "ok":
-            rows.append([*first, "failed", cell.get("error", ""), "", "", ""] + ([""] if cuda else []))
+            rows.append([*first, "failed", cell.get("error", ""), "", "", ""] + [""] * (cuda + compiling))
             continue
         row = [
             *first,
             f"{cell['train_batch_median']:.3f}",
+            *([_fmt(cell.get("first_batch_seconds"), ".1f")] if compiling else []),
             f"{cell['eval_seconds']:.2f}",
             _fmt(cell["scoring_gflops"], ".0f"),
             _fmt(None if cell["scoring_fraction"] is None else 100 * cell["scoring_fraction"], ".0f"),
@@ -460,7 +493,8 @@ def add_perf_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--kernels", nargs="+", type=_kernels_argument, default=["native"],
                         help="kernels to measure with, side by side, cell after cell: native (compiled, falls back "
                              "to torch's where they cannot run), torch (scores from numpy's BLAS), or native with "
-                             "one family switched off: native,-sparse, native,-dense, native,-scores "
+                             "one family switched off: native,-sparse, native,-dense, native,-scores; any of "
+                             "them + '+compile' (torch+compile) compiles the full-graph forward with torch.compile "
                              "(default native)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every cell in this process (faster to start; peak memory then accumulates)")

@@ -90,6 +90,48 @@ def test_perf_measures_a_family_switched_off_beside_the_rest(monkeypatch):
     assert "GRCN_BENCH_KERNELS" not in os.environ
 
 
+def test_perf_compile_choice_trains_and_evaluates_through_the_compiled_full_forward(monkeypatch):
+    """``torch+compile``: torch's kernels, and every forward, training's and the evaluation's, goes through what
+    ``torch.compile`` returned for the full-graph forward (static shapes). torch.compile is replaced by a recorder
+    here; the real compilation is the slow test below."""
+    compiled_calls, requests = [], []
+
+    def fake_compile(function, *, dynamic=None):
+        requests.append(dynamic)
+
+        def run(*args):
+            compiled_calls.append(len(args))
+            return function(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.delenv("GRCN_BENCH_KERNELS", raising=False)
+    settings = perf.PerfSettings(models=("mf",), datasets=("synthetic:tiny",), batches=2, warmup=1,
+                                 subprocess=False, kernels=("torch", "torch+compile"), **SMALL_REFERENCES)
+    report = perf.run_perf(settings)
+    plain, compiled = report["cells"]
+    assert (plain["kernels"], compiled["kernels"]) == ("torch", "torch+compile")
+    assert plain["status"] == compiled["status"] == "ok", compiled.get("error")
+    assert compiled["kernel_status"] == "GRCN_BENCH_KERNELS=torch"  # the suffix is not a kernel switch
+    assert requests == [False]  # one static-shape compilation per cell
+    assert len(compiled_calls) == 3 + 2  # three training batches, the untimed and the timed evaluation forwards
+    assert compiled["first_batch_seconds"] > 0 and plain["first_batch_seconds"] > 0
+    assert "first batch s" in perf.perf_table(report).splitlines()[0]
+    assert "first batch s" not in perf.perf_table({**report, "settings": {**report["settings"], "kernels": ["torch"]}})
+    assert perf.split_compile("native,-dense+compile") == ("native,-dense", True)
+    with pytest.raises(ValueError, match="kernels must be among"):
+        perf.PerfSettings(kernels=("fast+compile",))
+
+
+@pytest.mark.slow
+def test_perf_compiles_a_model_with_torch_compile():
+    settings = perf.PerfSettings(models=("mf",), datasets=("synthetic:tiny",), batches=1, warmup=1,
+                                 subprocess=False, kernels=("torch+compile",), **SMALL_REFERENCES)
+    (cell,) = perf.run_perf(settings)["cells"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["first_batch_seconds"] > cell["train_batch_median"]  # the compilation
+
+
 def test_perf_kernels_option_takes_every_family_switch():
     parser = argparse.ArgumentParser()
     perf.add_perf_parser(parser.add_subparsers(dest="command"))
