@@ -22,6 +22,37 @@ def test_write_read_round_trip(tmp_path):
     assert [r["status"] for r in store.results()] == ["ok"]
 
 
+def test_arrays_are_stored_compressed_and_any_damage_to_them_is_a_corrupt_entry(tmp_path):
+    """Per-user metrics are mostly zeros: the ``.npz`` is deflated, round-trips exactly, and a byte flipped anywhere
+    in it reads as a corrupt entry (a bad CRC, or a deflate stream zlib cannot decode), never another exception."""
+    import zipfile
+
+    store = ResultStore(tmp_path)
+    rng = np.random.default_rng(0)
+    recall = np.where(rng.random(5000) < 0.9, 0.0, rng.random(5000))
+    store.write("c1", {"status": "ok"}, {"test_recall@10": recall, "test_users": np.arange(5000)})
+    path = store.arrays_path("c1")
+    with zipfile.ZipFile(path) as archive:
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert path.stat().st_size < (recall.nbytes + 5000 * 8) / 3
+    np.testing.assert_array_equal(store.read_arrays("c1")["test_recall@10"], recall)
+
+    intact = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        first = archive.infolist()[0]
+    # The member's deflate stream starts after its local header: 30 bytes, then the name and extra field whose
+    # lengths the header's last four bytes give (the local extra field may differ from the central directory's).
+    name_length, extra_length = np.frombuffer(intact[first.header_offset + 26 : first.header_offset + 30], "<u2")
+    start = first.header_offset + 30 + int(name_length) + int(extra_length)
+    end = start + first.compress_size
+    for position in range(start, end, max(1, (end - start) // 40)):
+        damaged = bytearray(intact)
+        damaged[position] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(store_module.CorruptEntryError, match="not a readable .npz"):
+            store.read_arrays("c1")
+
+
 def test_status_must_be_known(tmp_path):
     with pytest.raises(ValueError, match="status"):
         ResultStore(tmp_path).write("c1", {"status": "maybe"})
