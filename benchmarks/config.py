@@ -306,6 +306,12 @@ class Experiment:
             changes["train"] = {**self.train, **{k: v for k, v in train.items() if v is not None}}
         if search and any(v is not None for v in search.values()):
             changes["search"] = dataclasses.replace(self.search, **{k: v for k, v in search.items() if v is not None})
+        given = {"models": models, "datasets": datasets, "seeds": seeds, "lr": lr, "reg": reg}
+        listed = [f"{key} {' '.join(str(v) for v in values)}" for key, values in given.items() if values]
+        flags = {**(train or {}), **{("search" if key == "method" else key): v for key, v in (search or {}).items()}}
+        listed += [f"{key} {value}" for key, value in flags.items() if value is not None]
+        if listed:  # the preset's description no longer says what runs (its datasets, grid or seeds)
+            changes["description"] = f"{self.description} [command line: {'; '.join(listed)}]".lstrip()
         return dataclasses.replace(self, **changes)
 
 

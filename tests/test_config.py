@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from grcn_bench.benchmarks.config import (
@@ -86,6 +88,13 @@ def test_overrides_replace_grid_and_filter_models():
     cells = changed.cells()
     assert {c.settings.seed for c in cells} == {3, 4} and {c.settings.lr for c in cells} == {0.1}
     assert all(c.settings.max_epochs == 2 and c.settings.patience == 20 for c in cells)
+    # The description, which reports print above the tables, says what the command line changed.
+    assert changed.description == "[command line: models GRCN gat; seeds 3 4; lr 0.1; max_epochs 2]"
+    described = dataclasses.replace(experiment, description="Table 2: 3 presets").override(datasets=["/data/tiktok"])
+    assert described.description == "Table 2: 3 presets [command line: datasets /data/tiktok]"
+    assert experiment.override().description == experiment.description == ""
+    searched = experiment.override(search={"method": "halving", "selection_seeds": 1, "eta": None})
+    assert searched.description == "[command line: search halving; selection_seeds 1]"
 
 
 def test_every_shipped_preset_loads_and_expands():
