@@ -200,7 +200,7 @@ def _train_and_test(
         emb = model(graph)
     if emb.edge_weight is not None and dataset.train_noise is not None:
         out["edge_weight_auc"] = edge_weight_auc(graph, emb.edge_weight, dataset.train_noise)
-    if keep_embeddings:  # the ID part only: Figure 4 reads nothing else, and GRCN's whole vector is 4x wider
+    if keep_embeddings:  # the ID part only: Figure 4 reads nothing else (GRCN adds one block per modality)
         columns = model.id_columns()
         arrays["user_embedding"] = emb.user[:, columns].detach().cpu().numpy()
         arrays["item_embedding"] = emb.item[:, columns].detach().cpu().numpy()
