@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from grcn_bench.models import model_revision
+
 from .schema import check_experiment
 
 if sys.version_info >= (3, 11):
@@ -93,7 +95,8 @@ class Cell:
 
         A rung of successive halving (``final=False``) trains the first ``max_epochs`` epochs of a run and skips
         the test set: it is a different cell from a finished run, so it carries ``"rung": true``. Finished runs
-        leave the key out, which keeps their ids what they were before rungs existed.
+        leave the key out, which keeps their ids what they were before rungs existed. Likewise a model whose
+        results changed (``Recommender.revision`` above 0) carries ``"revision"``: its older results are other cells.
         """
         identity = {
             "model": self.model,
@@ -103,6 +106,9 @@ class Cell:
         }
         if not self.final:
             identity["rung"] = True
+        revision = model_revision(self.model)
+        if revision:
+            identity["revision"] = revision
         return identity
 
     @property

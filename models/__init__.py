@@ -1,4 +1,4 @@
-"""Model registry: ``@register_model(name)``, ``get_model(name)``, ``available_models()``.
+"""Model registry: ``@register_model(name)``, ``get_model(name)``, ``available_models()``, ``model_revision(name)``.
 
 Adding a model is one file in this folder with a :class:`~grcn_bench.models.base.Recommender` subclass decorated
 with ``@register_model("name")`` (docs/extending.md, "A model"): every module of this package is imported when the
@@ -44,6 +44,12 @@ def get_model(name: str) -> type[Recommender]:
         raise KeyError(f"unknown model {name!r}; available models: {known}") from None
 
 
+def model_revision(name: str) -> int:
+    """The registered model's :attr:`~grcn_bench.models.base.Recommender.revision`; 0 for a name not registered."""
+    model = _REGISTRY.get(name)
+    return model.revision if model is not None else 0
+
+
 def available_models() -> list[str]:
     """Names of every registered model, sorted."""
     return sorted(_REGISTRY)
@@ -62,4 +68,5 @@ def _import_model_modules() -> None:
 _NOT_MODELS = {"base", "losses"}
 _import_model_modules()
 
-__all__ = ["Embeddings", "Recommender", "available_models", "get_model", "register_model", "unregister_model"]
+__all__ = ["Embeddings", "Recommender", "available_models", "get_model", "model_revision", "register_model",
+           "unregister_model"]

@@ -51,6 +51,11 @@ class Recommender(torch.nn.Module, abc.ABC):
     #: The conformance suite checks that every other parameter gets a gradient.
     frozen_parameters: ClassVar[tuple[str, ...]] = ()
 
+    #: Bumped when a change makes the model compute something else with the same options (a new default): the
+    #: revision is part of every stored result's identity (when above 0), so results of the old model are never
+    #: reused for the new one. Changes that keep the results (speed-ups, refactors) leave it alone.
+    revision: ClassVar[int] = 0
+
     def __init__(self, data: DatasetInfo, *, embedding_dim: int = 64, num_layers: int = 2):
         super().__init__()
         if embedding_dim <= 0 or num_layers < 0:

@@ -305,8 +305,9 @@ def test_neighbourhood_routing_keeps_isolated_nodes_and_checks_arguments(data):
 def test_disengcn_stacks_routing_layers_and_reads_out_the_last(data):
     info, graph = data
     torch.manual_seed(0)
-    # The paper's model (ReLU channels, last-layer readout); the other activations and readouts: test_disengcn.py.
-    model = DisenGCN(info, num_channels=4, routing_iterations=2, activation="relu", readout="last").eval()
+    # The paper's model (ReLU channels, last-layer readout, no item bias); the other options: test_disengcn.py.
+    model = DisenGCN(info, num_channels=4, routing_iterations=2, activation="relu", readout="last",
+                     item_bias=False).eval()
     emb = model(graph)
     x = node_inputs(model.user_embedding, model.item_embedding, model.content, graph)
     adj = dense_adjacency()

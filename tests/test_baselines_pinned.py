@@ -87,8 +87,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_three_epochs_on_tiny_match_the_pinned_results(name, tmp_path):
     losses, best_epoch, test_metrics = PINNED[name]
-    # DisenGCN as pinned: the paper's ReLU channels (its default activation has since become tanh, docs/disengcn.md).
-    options = {"activation": "relu"} if name == "disengcn" else {}
+    # DisenGCN as pinned: the paper's model, ReLU channels and no item bias (its defaults since, docs/disengcn.md).
+    options = {"activation": "relu", "item_bias": False} if name == "disengcn" else {}
     cell = Cell(name, "synthetic:tiny", TrainSettings(max_epochs=3, lr=1e-2), options)
     result = run_cell(cell, ResultStore(tmp_path), progress=False)
     assert result["status"] == "ok", result.get("error")

@@ -15,6 +15,8 @@ from grcn_bench.benchmarks.config import (
     experiment_from_dict,
     load_experiment,
 )
+from grcn_bench.models import get_model, register_model, unregister_model
+from grcn_bench.models.mf import MF
 
 
 def test_cell_id_is_deterministic_and_sensitive_to_every_field():
@@ -33,6 +35,33 @@ def test_cell_id_is_deterministic_and_sensitive_to_every_field():
     assert len(ids) == len(variants) and base.cell_id not in ids
     # The label is presentation only: it does not change the identity.
     assert Cell("grcn", "synthetic:tiny", base.settings, base.options, label="GRCN_max").cell_id == base.cell_id
+
+
+def test_a_models_revision_is_part_of_its_cells_identity():
+    """Results of a model whose revision was bumped (a default changed) are other cells; a model at revision 0 keeps
+    the ids it had before revisions existed (pinned: computed by the code before them)."""
+    settings = TrainSettings()
+    assert Cell("mf", "synthetic:tiny", settings).cell_id == "mf-synthetic-tiny-s0-309eb8e1a949"
+    assert "revision" not in Cell("mf", "synthetic:tiny", settings).canonical()
+    # DisenGCN's revision 1 (the item bias became its default): before it, this cell was ...-30b88fb1dc1b.
+    disen = Cell("disengcn", "synthetic:tiny", settings)
+    assert disen.canonical()["revision"] == get_model("disengcn").revision == 1
+    assert disen.cell_id != "disengcn-synthetic-tiny-s0-30b88fb1dc1b"
+    assert Cell.from_dict(disen.to_dict()).cell_id == disen.cell_id
+
+    class Bumped(MF):
+        revision = 2
+
+    register_model("bumped-mf")(Bumped)
+    try:
+        bumped = Cell("bumped-mf", "synthetic:tiny", settings)
+        assert bumped.canonical()["revision"] == 2
+        before = bumped.cell_id
+        Bumped.revision = 3
+        assert bumped.cell_id != before
+    finally:
+        unregister_model("bumped-mf")
+    assert "revision" not in bumped.canonical()  # not registered (any more): no revision
 
 
 def test_cell_round_trips_through_its_dict():

@@ -1,5 +1,6 @@
-"""DisenGCN's options for recommendation (``docs/disengcn.md``): the channel activation and the readout, against
-dense loop computations written out here, and the receptive-field path against the full forward for each of them.
+"""DisenGCN's options for recommendation (``docs/disengcn.md``): the channel activation, the readout and the item
+bias, against dense loop computations written out here, and the receptive-field path against the full forward for
+each of them.
 
 The references are computed from the training pairs directly (a dense adjacency and plain loops over nodes,
 iterations and neighbours), never from the graph's index structures.
@@ -102,7 +103,7 @@ def test_disengcn_reads_out_layers_zero_to_l_as_asked(data, readout, activation)
     info, graph = data
     torch.manual_seed(0)
     model = DisenGCN(info, embedding_dim=16, num_channels=4, routing_iterations=2, activation=activation,
-                     readout=readout).eval()
+                     readout=readout, item_bias=False).eval()
     x = node_inputs(model.user_embedding, model.item_embedding, model.content, graph)
     layers = [x]
     for conv in model.convs:
@@ -114,14 +115,14 @@ def test_disengcn_reads_out_layers_zero_to_l_as_asked(data, readout, activation)
 
 
 def test_disengcn_defaults_and_the_papers_model(data):
-    """The default is tanh channels read out at the last layer; ``activation="relu"`` is the paper's model, whose
-    embeddings are non-negative (scores in [0, K]); tanh's are signed."""
+    """The default is tanh channels read out at the last layer, with an item bias; ``activation="relu",
+    item_bias=False`` is the paper's model, whose embeddings are non-negative (scores in [0, K]); tanh's are signed."""
     info, graph = data
     model = DisenGCN(info)
-    assert (model.activation, model.readout) == ("tanh", "last")
+    assert (model.activation, model.readout, model.item_bias is not None) == ("tanh", "last", True)
     assert all(conv.activation == "tanh" for conv in model.convs)
     torch.manual_seed(1)
-    paper = DisenGCN(info, activation="relu").eval()
+    paper = DisenGCN(info, activation="relu", item_bias=False).eval()
     with torch.no_grad():
         emb = paper(graph)
     scores = emb.user @ emb.item.t()
@@ -137,6 +138,35 @@ def test_disengcn_defaults_and_the_papers_model(data):
         DisenGCN(info, activation="sigmoid")
 
 
+def test_item_bias_adds_one_learned_scalar_per_item_to_every_score(data):
+    """With ``item_bias``, every score is the bias-free model's dot product plus the item's :math:`b_i`, for the
+    evaluator's scores and the training pairs' alike; the biases start at zero, are reset to zero, are not in the L2
+    term, and ``id_columns`` gives the bias-free representations back."""
+    info, graph = data
+    torch.manual_seed(3)
+    model = DisenGCN(info, embedding_dim=8, num_channels=2).eval()
+    plain = DisenGCN(info, embedding_dim=8, num_channels=2, item_bias=False).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "item_bias"})
+    assert model.item_bias is not None and plain.item_bias is None
+    assert torch.equal(model.item_bias.detach(), torch.zeros(I))
+    with torch.no_grad():
+        model.item_bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0, 3.0]))
+        emb, reference = model(graph), plain(graph)
+    users = torch.arange(U)
+    expected = torch.stack([torch.stack([reference.user[u] @ reference.item[i] + model.item_bias[i] for i in range(I)])
+                            for u in range(U)])
+    torch.testing.assert_close(model.score(emb, users), expected)
+    pos, neg = torch.tensor([0, 1, 4, 2]), torch.tensor([3, 3, 0, 4])
+    pos_scores, neg_scores = model.pair_scores(emb, users, pos, neg)
+    torch.testing.assert_close(pos_scores, expected[users, pos])
+    torch.testing.assert_close(neg_scores, expected[users, neg])
+    torch.testing.assert_close(emb.user[:, model.id_columns()], reference.user)
+    torch.testing.assert_close(emb.item[:, model.id_columns()], reference.item)
+    torch.testing.assert_close(model.l2_term(users, pos, neg), plain.l2_term(users, pos, neg))
+    model.reset_parameters()
+    assert torch.equal(model.item_bias.detach(), torch.zeros(I))
+
+
 needs_chained_mkl = pytest.mark.skipif(
     native.native_kernels() is None or native.dense_products_status() != "native",
     reason=f"the compiled dense products do not run here: {native.dense_products_status()}",
@@ -144,11 +174,12 @@ needs_chained_mkl = pytest.mark.skipif(
 
 
 @needs_chained_mkl
-@pytest.mark.parametrize(("readout", "activation", "num_layers"), [
-    ("last", "tanh", 2), ("sum", "tanh", 2), ("mean", "none", 2), ("concat", "relu", 2), ("sum", "leaky_relu", 3),
-    ("concat", "tanh", 1), ("mean", "tanh", 0),
+@pytest.mark.parametrize(("readout", "activation", "num_layers", "item_bias"), [
+    ("last", "tanh", 2, True), ("last", "tanh", 2, False), ("sum", "tanh", 2, True), ("mean", "none", 2, False),
+    ("concat", "relu", 2, True), ("sum", "leaky_relu", 3, False), ("concat", "tanh", 1, True),
+    ("mean", "tanh", 0, True),
 ])
-def test_batch_forward_is_the_full_forward_for_every_readout(readout, activation, num_layers):
+def test_batch_forward_is_the_full_forward_for_every_readout(readout, activation, num_layers, item_bias):
     """Two optimiser steps on the Tiktok-shaped preset, each from the same parameters: the losses and every gradient,
     within float32 round-off, ``1e-5`` of each tensor's largest entry (the channel softmax's last bit can depend on
     an entry's position, and autograd sums the gradients of the field's rows in another order; measured: at most
@@ -156,7 +187,10 @@ def test_batch_forward_is_the_full_forward_for_every_readout(readout, activation
     dataset = load_dataset("synthetic:tiktok")
     graph = dataset.graph()
     seed_everything(0)
-    full = DisenGCN(dataset.info(), readout=readout, activation=activation, num_layers=num_layers)
+    full = DisenGCN(dataset.info(), readout=readout, activation=activation, num_layers=num_layers,
+                    item_bias=item_bias)
+    if item_bias:  # biases away from their zero start, so that their rows and gradients are checked too
+        torch.nn.init.normal_(full.item_bias)
     restricted = copy.deepcopy(full)
     optimizers = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (full, restricted)]
     for step in range(2):
