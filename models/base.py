@@ -133,3 +133,10 @@ def xavier_embedding(num: int, dim: int) -> torch.nn.Parameter:
     weight = torch.empty(num, dim)
     torch.nn.init.xavier_uniform_(weight)
     return torch.nn.Parameter(weight)
+
+
+def bias_column(num_users: int, item_bias: Tensor) -> Tensor:
+    r"""``[U + I, 1]``: 1 for each user, then each item's bias :math:`b_i`. Appended to the users' and items'
+    representations (users first), it adds :math:`b_i` to every dot-product score:
+    :math:`[\mathbf{h}_u \| 1]^\top [\mathbf{h}_i \| b_i] = \mathbf{h}_u^\top \mathbf{h}_i + b_i`."""
+    return torch.cat([item_bias.new_ones(num_users), item_bias]).unsqueeze(1)

@@ -13,7 +13,7 @@ from torch import Tensor
 from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 
 from . import register_model
-from .base import Embeddings
+from .base import Embeddings, bias_column
 from .baseline import GraphBaseline
 from .layers.disen import NeighRoutingConv
 from .ops import graph_pattern, receptive_field, rows_apply
@@ -60,11 +60,11 @@ class DisenGCN(GraphBaseline):
     baselines; a fully-connected layer on the readout measured worse as a ranker). ``activation="relu",
     readout="last", item_bias=False`` is the model as the paper ran it.
 
-    **Adaptation for recommendation: an item bias** (``item_bias``, default on). Every channel is unit-norm, so every
-    node's representation has the same norm :math:`\sqrt{K}`. The other baselines' item vectors are free in norm, and
-    a popular item can score higher for every user through it; here it cannot, and on a sparse real dataset with a
-    skewed item popularity DisenGCN stayed below the popularity ranking (``docs/disengcn.md``). A learned scalar per
-    item gives that freedom back in the score, and only there:
+    **Adaptation for recommendation: an item bias** (``item_bias``, default on). Every channel is unit-norm, so with
+    the last-layer readout every node's representation has the same norm :math:`\sqrt{K}`. The other baselines'
+    item vectors are free in norm, and a popular item can score higher for every user through it; here it cannot,
+    and on a sparse real dataset with a skewed item popularity DisenGCN stayed below the popularity ranking
+    (``docs/disengcn.md``). A learned scalar per item gives that freedom back in the score, and only there:
 
     .. math::
         \hat{y}_{ui} = \mathbf{h}_u^\top \mathbf{h}_i + b_i,
@@ -158,10 +158,10 @@ class DisenGCN(GraphBaseline):
         item; ``h`` itself without ``item_bias``."""
         if self.item_bias is None:
             return h
-        column = torch.cat([h.new_ones(self.num_users), self.item_bias])
+        column = bias_column(self.num_users, self.item_bias)
         if nodes is not None:
             column = column.index_select(0, nodes)
-        return torch.cat([h, column.unsqueeze(1)], dim=1)
+        return torch.cat([h, column], dim=1)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

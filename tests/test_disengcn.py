@@ -1,6 +1,6 @@
 """DisenGCN's options for recommendation (``docs/disengcn.md``): the channel activation, the readout and the item
 bias, against dense loop computations written out here, and the receptive-field path against the full forward for
-each of them.
+each of them; and BPR-MF's item bias, the control for DisenGCN's.
 
 The references are computed from the training pairs directly (a dense adjacency and plain loops over nodes,
 iterations and neighbours), never from the graph's index structures.
@@ -19,6 +19,7 @@ from grcn_bench.datasets.base import DatasetInfo, InteractionGraph
 from grcn_bench.models.disengcn import READOUTS, DisenGCN
 from grcn_bench.models.layers.content import node_inputs
 from grcn_bench.models.layers.disen import ACTIVATIONS, NeighRoutingConv
+from grcn_bench.models.mf import MF
 from grcn_bench.models.ops import native
 from grcn_bench.models.ops.sparse import graph_pattern
 
@@ -163,6 +164,28 @@ def test_item_bias_adds_one_learned_scalar_per_item_to_every_score(data):
     torch.testing.assert_close(emb.user[:, model.id_columns()], reference.user)
     torch.testing.assert_close(emb.item[:, model.id_columns()], reference.item)
     torch.testing.assert_close(model.l2_term(users, pos, neg), plain.l2_term(users, pos, neg))
+    model.reset_parameters()
+    assert torch.equal(model.item_bias.detach(), torch.zeros(I))
+
+
+def test_mf_item_bias_the_control_adds_b_i_to_every_score(data):
+    """BPR-MF's ``item_bias`` (the control for DisenGCN's): the same scores as the embeddings' dot products plus
+    :math:`b_i`, computed here by hand; off by default, zero at the start and after a reset, and trained."""
+    info, graph = data
+    assert MF(info).item_bias is None
+    torch.manual_seed(0)
+    model = MF(info, embedding_dim=4, item_bias=True)
+    assert torch.equal(model.item_bias.detach(), torch.zeros(I))
+    with torch.no_grad():
+        model.item_bias.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0, 4.0]))
+        emb = model(graph)
+        users = torch.arange(U)
+        expected = model.user_embedding @ model.item_embedding.t() + model.item_bias
+        torch.testing.assert_close(model.score(emb, users), expected)
+        torch.testing.assert_close(emb.item[:, model.id_columns()], model.item_embedding)
+    pos, neg = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 4, 1, 0])
+    model.loss(model(graph), users, pos, neg, 1e-4).backward()
+    assert model.item_bias.grad is not None and bool(model.item_bias.grad[[0, 1, 2, 3, 4]].ne(0).all())
     model.reset_parameters()
     assert torch.equal(model.item_bias.detach(), torch.zeros(I))
 
